@@ -1,0 +1,51 @@
+"""Build a lesson notebook from a percent-format script, and execute it in place.
+
+    python tools/nb.py build lesson.py notebooks/03_x.ipynb   # '# %%' code cells, '# %% [markdown]' text
+    python tools/nb.py run notebooks/03_x.ipynb               # execute top to bottom, save outputs
+
+Markdown cells are written as comment lines ('# ' stripped). Notebooks are committed executed.
+"""
+import sys
+import time
+
+import nbformat
+from nbconvert.preprocessors import ExecutePreprocessor
+
+
+def build(src: str, dst: str) -> None:
+    cells, kind, lines = [], None, []
+
+    def flush():
+        if kind is None:
+            return
+        body = "\n".join(lines).strip("\n")
+        if kind == "markdown":
+            body = "\n".join(l[2:] if l.startswith("# ") else l.lstrip("#") for l in body.splitlines())
+            cells.append(nbformat.v4.new_markdown_cell(body))
+        elif body:
+            cells.append(nbformat.v4.new_code_cell(body))
+
+    for line in open(src).read().splitlines():
+        if line.startswith("# %%"):
+            flush()
+            kind, lines = ("markdown" if "[markdown]" in line else "code"), []
+        else:
+            lines.append(line)
+    flush()
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nbformat.write(nb, dst)
+
+
+def run(path: str, timeout: int = 1200) -> None:
+    nb = nbformat.read(path, as_version=4)
+    start = time.time()
+    ExecutePreprocessor(timeout=timeout, kernel_name="python3").preprocess(nb, {"metadata": {"path": "notebooks"}})
+    nbformat.write(nb, path)
+    print(f"{path}: executed in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    {"build": build, "run": run}[cmd](*args)
