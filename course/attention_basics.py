@@ -1,0 +1,234 @@
+"""Self-attention from scratch, its quadratic cost, and tools to look inside trained heads.
+
+Scaled dot-product attention (Vaswani et al. 2017, eq. 1):
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V
+
+with M = 0 where a query may attend a key and -inf where it may not. A GPT uses the causal
+mask (query i sees keys j <= i); BERT uses none (every token sees every token). The score
+matrix Q K^T is T x T per head, so time and memory grow as O(T^2): the cost that sparse
+attention (chapter 03) and FlashAttention-style kernels attack.
+
+Lesson 01 calls `self_attention` (checked equal to F.scaled_dot_product_attention),
+`score_matrix_cost` + `loglog_slope` (the n^2 curve), `head_stats` / `describe_heads`
+(what each head does) and `explore_attention` (the widget's logic, a plain function).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+def causal_mask(T: int, S: int | None = None, device=None) -> torch.Tensor:
+    """(T, S) bool, True where query i may attend key j: j <= i (+ S - T when keys are longer)."""
+    S = T if S is None else S
+    if T <= 0 or S <= 0:
+        raise ValueError(f"T and S must be positive, got T={T}, S={S}")
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+def bidirectional_mask(T: int, device=None) -> torch.Tensor:
+    """(T, T) bool, all True: BERT's encoder lets every token see every token."""
+    if T <= 0:
+        raise ValueError(f"T must be positive, got {T}")
+    return torch.ones(T, T, dtype=torch.bool, device=device)
+
+
+def softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """exp(s - max) / sum exp(s - max): subtracting the row max changes nothing but avoids overflow."""
+    shifted = scores - scores.amax(dim=dim, keepdim=True)
+    e = shifted.exp()
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                   attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(hs) + mask) v, written out. Returns (output, weights).
+
+    q (B, nh, T, hs), k and v (B, nh, S, hs); attn_mask bool, True = may attend, broadcastable
+    to (B, nh, T, S), ANDed with the causal triangle when causal=True.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, nh, T, hs), got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    T, S = q.size(-2), k.size(-2)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    allowed = causal_mask(T, S, q.device) if causal else None  # (T, S)
+    if attn_mask is not None:
+        allowed = attn_mask if allowed is None else attn_mask & allowed
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = softmax(scores, dim=-1)  # (B, nh, T, S), each row sums to 1
+    return weights @ v, weights  # (B, nh, T, hs), (B, nh, T, S)
+
+
+class ScratchAttention(nn.Module):
+    """`self_attention` as a drop-in attention core for course.model (set_attention)."""
+
+    def forward(self, q, k, v, causal: bool, attn_mask=None, dropout_p: float = 0.0):
+        out, weights = self_attention(q, k, v, causal=causal, attn_mask=attn_mask)
+        if dropout_p > 0:  # dropout on the weights, as in the paper; matches SDPA's semantics
+            out = torch.nn.functional.dropout(weights, p=dropout_p) @ v
+        return out
+
+
+# ----------------------------------------------------------------------------- the O(T^2) cost
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def score_matrix_cost(seq_lens, n_head: int = 4, head_dim: int = 32, batch: int = 1, repeats: int = 5,
+                      device=None, dtype: torch.dtype = torch.float32, seed: int = 0,
+                      cpu_threads: int | None = 1) -> list[dict]:
+    """Time one from-scratch attention forward and count the bytes of its score matrix per length.
+
+    Returns one row per T: {"T", "seconds" (median of `repeats`), "score_bytes" (B*nh*T*T*itemsize)}.
+    On CPU it times with `cpu_threads` threads (restored afterwards; None keeps torch's setting):
+    one thread shows the algorithm's scaling without thread-pool start-up costs at small T, and is
+    far less disturbed when other programs share the cores.
+    """
+    seq_lens = list(seq_lens)
+    if not seq_lens or any(not isinstance(t, int) or t <= 0 for t in seq_lens):
+        raise ValueError(f"seq_lens must be a non-empty list of positive integers, got {seq_lens!r}")
+    if repeats <= 0:
+        raise ValueError(f"repeats must be a positive integer, got {repeats}")
+    device = torch.device(device or "cpu")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    saved_threads = torch.get_num_threads()
+    if device.type == "cpu" and cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
+    try:
+        return [_time_one(T, n_head, head_dim, batch, repeats, device, dtype, g) for T in seq_lens]
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _time_one(T, n_head, head_dim, batch, repeats, device, dtype, g) -> dict:
+    q, k, v = (torch.randn(batch, n_head, T, head_dim, generator=g).to(device, dtype) for _ in range(3))
+    with torch.no_grad():
+        self_attention(q, k, v, causal=True)  # warm-up: first call pays allocation costs
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            _, w = self_attention(q, k, v, causal=True)  # w: (B, nh, T, T)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return {"T": T, "seconds": sorted(times)[len(times) // 2], "score_bytes": w.numel() * w.element_size()}
+
+
+def loglog_slope(x, y) -> tuple[float, float]:
+    """Least-squares fit of log y = slope * log x + intercept. Returns (slope, intercept)."""
+    lx = torch.log(torch.as_tensor(x, dtype=torch.float64))
+    ly = torch.log(torch.as_tensor(y, dtype=torch.float64))
+    if lx.numel() < 2 or lx.shape != ly.shape:
+        raise ValueError(f"x and y need the same length >= 2, got {lx.numel()} and {ly.numel()}")
+    A = torch.stack([lx, torch.ones_like(lx)], dim=1)  # (n, 2)
+    sol = torch.linalg.lstsq(A, ly[:, None]).solution  # (2, 1)
+    return float(sol[0, 0]), float(sol[1, 0])
+
+
+# ----------------------------------------------------------------------------- what heads do
+
+def head_stats(maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-head summaries of attention maps (L, H, T, T) (batch averaged if (L, B, H, T, T)).
+
+    Each is (L, H), averaged over query positions 1..T-1 (query 0 can only see itself in a GPT):
+    - prev: weight on the previous token (j = i - 1)
+    - self: weight on itself (j = i)
+    - first: weight on the first token (j = 0)
+    - distance: mean look-back i - j, weighted by attention
+    - entropy: in nats; the uniform causal row has log(i + 1)
+    """
+    m = torch.as_tensor(maps).float()
+    if m.dim() == 5:
+        m = m.mean(dim=1)  # (L, H, T, T)
+    if m.dim() != 4 or m.size(-1) != m.size(-2) or m.size(-1) < 2:
+        raise ValueError(f"maps must be (L, H, T, T) or (L, B, H, T, T) with T >= 2, got {tuple(m.shape)}")
+    T = m.size(-1)
+    i = torch.arange(T)
+    rows = slice(1, T)
+    dist = (i[:, None] - i[None, :]).float()  # (T, T): i - j
+    ent = -(m * m.clamp_min(1e-12).log()).sum(-1)  # (L, H, T)
+    return {
+        "prev": m[..., i[1:], i[:-1]].mean(-1),
+        "self": m.diagonal(dim1=-2, dim2=-1)[..., rows].mean(-1),
+        "first": m[..., rows, 0].mean(-1),
+        "distance": (m * dist).sum(-1)[..., rows].mean(-1),
+        "entropy": ent[..., rows].mean(-1),
+    }
+
+
+def describe_heads(maps: torch.Tensor, threshold: float = 0.4) -> list[str]:
+    """One plain-English line per head from `head_stats`: its dominant pattern, if any."""
+    s = head_stats(maps)
+    L, H = s["prev"].shape
+    lines = []
+    for l in range(L):
+        for h in range(H):
+            prev, own, first, dist = (float(s[k][l, h]) for k in ("prev", "self", "first", "distance"))
+            if prev >= threshold:
+                kind = "previous-token head"
+            elif own >= threshold:
+                kind = "self / current-token head"
+            elif first >= threshold:
+                kind = "first-token head (a resting place when nothing fits)"
+            elif dist <= 3:
+                kind = "local head (looks a few tokens back)"
+            else:
+                kind = "broad head (mixes context from far back)"
+            lines.append(f"layer {l} head {h}: {kind:<52} prev {prev:.2f} self {own:.2f} "
+                         f"first {first:.2f} look-back {dist:5.1f}")
+    return lines
+
+
+@dataclass
+class AttentionView:
+    """What `explore_attention` computed: tokens, one head's (T, T) weights, and the axes drawn on."""
+    tokens: list[str]
+    weights: torch.Tensor  # (T, T)
+    layer: int
+    head: int
+    ax: object = None
+
+    def strongest(self) -> list[tuple[str, str, float]]:
+        """For each query token: (query, the key it attends most, that weight)."""
+        top = self.weights.max(dim=-1)
+        return [(self.tokens[i], self.tokens[int(j)], float(w))
+                for i, (w, j) in enumerate(zip(top.values, top.indices))]
+
+
+def explore_attention(model, tokenizer, text: str, layer: int, head: int, ax=None,
+                      plot: bool = True) -> AttentionView:
+    """Attention weights of one (layer, head) of `model` on `text`, drawn as a heatmap.
+
+    The logic behind lesson 01's widget; plot=False returns the data without drawing.
+    """
+    from .model import attention_maps
+
+    n_layer, n_head = model.config.n_layer, model.config.n_head
+    if not isinstance(layer, int) or not 0 <= layer < n_layer:
+        raise ValueError(f"layer must be an integer in [0, {n_layer - 1}], got {layer!r}")
+    if not isinstance(head, int) or not 0 <= head < n_head:
+        raise ValueError(f"head must be an integer in [0, {n_head - 1}], got {head!r}")
+    if not isinstance(text, str) or not text:
+        raise ValueError("text must be a non-empty string")
+    ids = tokenizer.encode(text)
+    if len(ids) > model.config.block_size:
+        raise ValueError(f"text is {len(ids)} tokens, longer than the model's block_size "
+                         f"{model.config.block_size}")
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    weights = attention_maps(model, idx)[layer, 0, head].cpu()  # (T, T)
+    tokens = [tokenizer.decode([i]) for i in ids]
+    view = AttentionView(tokens, weights, layer, head)
+    if plot:
+        from .viz import plot_attention
+        view.ax = plot_attention(weights, tokens, ax=ax, title=f"layer {layer}, head {head}")
+    return view
