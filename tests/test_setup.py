@@ -24,7 +24,8 @@ def _pyproject_deps() -> dict[str, str]:
 
 def _conda_deps() -> dict[str, str]:
     out = {}
-    for line in (ROOT / "environment.yml").read_text().splitlines():
+    text = (ROOT / "environment.yml").read_text()
+    for line in text[text.index("dependencies:"):].splitlines():
         m = re.match(r"^  - ([A-Za-z0-9_.-]+)(.*)$", line)  # top-level conda entries only
         if m and m.group(1) not in ("python", "pip"):
             out[CONDA_NAMES.get(m.group(1).lower(), m.group(1).lower())] = m.group(2).replace(" ", "")
