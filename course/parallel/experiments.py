@@ -75,6 +75,7 @@ def global_batch(setup: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def local_micro_batches(setup: Setup, step: int, rank: int, world: int):
     x, y = global_batch(setup, step)
     x, y = shard_batch(x, rank, world), shard_batch(y, rank, world)  # (B/N, T)
+    x, y = x.to(launch.rank_device()), y.to(launch.rank_device())
     return list(zip(x.chunk(setup.micro_batches), y.chunk(setup.micro_batches)))
 
 
@@ -83,7 +84,7 @@ def build_model(setup: Setup) -> Transformer:
         from ..data import load_dataset
         setup.vocab_size = load_dataset("char").tokenizer.vocab_size
     torch.manual_seed(setup.seed)
-    return Transformer(setup.model_config())
+    return Transformer(setup.model_config()).to(launch.rank_device())
 
 
 def make_strategy(name: str, model, comm: Comm, setup: Setup):
@@ -111,7 +112,7 @@ def reference(setup: Setup) -> tuple[dict, list[float], list[float]]:
     losses, norms = [], []
     for step in range(setup.steps):
         x, y = global_batch(setup, step)
-        _, loss = model(x, y)
+        _, loss = model(x.to(launch.rank_device()), y.to(launch.rank_device()))
         loss.backward()
         norms.append(sum(p.grad.double().pow(2).sum() for p in model.parameters()).item() ** 0.5)
         opt.step()
@@ -144,7 +145,7 @@ def train(setup: Setup, strategy: str = "bucketed", measure_memory: bool = False
 
 
 def _global_mean(x: float, world: int) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=launch.rank_device())
     if world > 1:
         dist.all_reduce(t)
     return t.item() / world
@@ -163,6 +164,31 @@ def compare(setup: Setup, strategies=STRATEGIES, measure_memory: bool = True) ->
         r["max_abs_diff"] = max((state[n] - ref_state[n]).abs().max().item() for n in ref_state)
         out["results"][name] = r
     return out
+
+
+def time_strategies(setup: Setup, strategies=("bucketed", "ddp"), warmup: int = 3) -> dict:
+    """Step time of several strategies, interleaved step by step so they share the machine's load.
+
+    Returns, per strategy, the median step time of this rank, every step time, and the last step's
+    counted communication."""
+    import statistics
+    rank, world = dist.get_rank(), dist.get_world_size()
+    setup.check(world)
+    strats = {name: make_strategy(name, build_model(setup), Comm(), setup) for name in strategies}
+    times = {name: [] for name in strategies}
+    for step in range(warmup + setup.steps):
+        for name, strat in strats.items():
+            batches = local_micro_batches(setup, step, rank, world)
+            dist.barrier()  # every rank starts the step together
+            strat.comm.reset()
+            t = time.perf_counter()
+            train_step(strat, batches)  # loss.item() inside waits for the device
+            if step >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: {"median_s": statistics.median(times[name]), "step_s": times[name],
+                   "comm": strats[name].comm.summary() if name not in ("ddp", "fsdp2") else None,
+                   "psi": getattr(strats[name], "psi", None) or sum(p.numel() for p in strats[name].full_state_dict().values())}
+            for name in strategies}
 
 
 def compare_many(jobs: list[tuple[Setup, tuple[str, ...]]]) -> list[dict]:

@@ -150,8 +150,8 @@ class ZeRO(Strategy):
             return
         g.pending = len(g.params)
         full = torch.cat([p.grad.reshape(-1) for p in g.params]
-                         + [torch.zeros(g.padded - g.numel, dtype=g.flat.dtype)])  # (padded,)
-        mine = torch.empty(g.shard_numel, dtype=full.dtype)
+                         + [g.flat.new_zeros(g.padded - g.numel)])  # (padded,)
+        mine = full.new_empty(g.shard_numel)
         self.comm.reduce_scatter(mine, full, name=f"reduce-scatter {g.name}")
         mine.div_(self.comm.world)
         g.shard.grad = mine if g.shard.grad is None else g.shard.grad.add_(mine)
@@ -172,7 +172,7 @@ class ZeRO(Strategy):
         Strategy.backward(self, loss)
         if self.stage == 1 and self.sync:
             for g in self.groups:
-                mine = torch.empty(g.shard_numel, dtype=g.flat_grad.dtype)
+                mine = g.flat_grad.new_empty(g.shard_numel)
                 self.comm.reduce_scatter(mine, g.flat_grad, name=f"reduce-scatter {g.name}")
                 g.shard.grad.copy_(mine).div_(self.comm.world)
 
@@ -194,7 +194,7 @@ class ZeRO(Strategy):
             if self.stage < 3:
                 flat = g.flat
             else:
-                flat = torch.empty(g.padded, dtype=g.shard.dtype)
+                flat = g.shard.new_empty(g.padded)
                 self.comm.all_gather(flat, g.shard.detach(), name="gather state dict")
             out.update({n: t.clone() for n, t in g.unflatten(flat).items()})
         return out
@@ -260,7 +260,7 @@ class _Unit:
     def _reduce_grad(self, full: torch.Tensor):
         """Backward produced this unit's whole gradient: reduce-scatter it, keep my slice, free all."""
         g = self.g
-        mine = torch.empty(g.shard_numel, dtype=full.dtype)
+        mine = full.new_empty(g.shard_numel)
         self.comm.reduce_scatter(mine, full.grad, name=f"reduce-scatter {g.name}")
         mine.div_(self.comm.world)
         g.shard.grad = mine if g.shard.grad is None else g.shard.grad.add_(mine)
