@@ -1,0 +1,96 @@
+"""Recomputation policies: exact gradients, unchanged weights, the memory they save, bad input."""
+import pytest
+import torch
+import torch.nn as nn
+
+from course.checkpointing import POLICIES, RecomputedBlocks, apply_policy, policy_of, remove_policy, segments_for
+from course.memory import measure_step
+from course.model import MatmulAttention, ModelConfig, Transformer, set_attention
+
+SPECS = [("full", None), ("every-k", 2), ("every-k", 3), ("sqrt", None), ("selective", None)]
+
+
+def make(core="sdpa", dropout=0.1, n_layer=4):
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.gpt(n_layer=n_layer, n_head=2, n_embd=32, block_size=16, vocab_size=64,
+                                    dropout=dropout))
+    if core == "matmul":
+        set_attention(m, lambda i: MatmulAttention())
+    return m
+
+
+def grads(model):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 64, (3, 16), generator=g), torch.randint(0, 64, (3, 16), generator=g)
+    torch.manual_seed(123)  # same dropout masks in every run
+    _, loss = model(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("core", ["sdpa", "matmul"])
+def test_every_policy_gives_the_same_gradients_with_dropout(core):
+    ref_loss, ref = grads(make(core))
+    assert all(g.abs().sum() > 0 for g in ref.values())
+    for policy, k in SPECS:
+        loss, got = grads(apply_policy(make(core), policy, k))
+        assert torch.equal(loss, ref_loss), policy
+        assert got.keys() == ref.keys()
+        for name in ref:  # recomputation replays the same ops with the same RNG state: bitwise equal
+            assert torch.equal(got[name], ref[name]), (policy, name)
+
+
+def test_state_dict_unchanged_and_policy_removable():
+    plain = make()
+    keys = list(plain.state_dict())
+    ckpt = apply_policy(make(), "sqrt")
+    assert isinstance(ckpt.blocks, RecomputedBlocks) and policy_of(ckpt) == "sqrt"
+    assert list(ckpt.state_dict()) == keys
+    ckpt.load_state_dict(plain.state_dict())  # strict: same names, same shapes
+    assert all(isinstance(b, nn.Module) for b in ckpt.blocks.children()) and len(ckpt.blocks) == 4
+    remove_policy(ckpt)
+    assert type(ckpt.blocks) is nn.ModuleList and policy_of(ckpt) == "none"
+    assert list(ckpt.state_dict()) == keys
+
+
+def test_eval_and_generate_run_without_recomputation():
+    m = apply_policy(make(dropout=0.0), "selective").eval()
+    ref = make(dropout=0.0).eval()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    assert torch.equal(m.generate(idx, 4, temperature=0), ref.generate(idx, 4, temperature=0))
+
+
+def test_segments():
+    assert segments_for("none", 3) == [(0, 1, False), (1, 2, False), (2, 3, False)]
+    assert [c for *_, c in segments_for("every-k", 6, 3)] == [True, False, False, True, False, False]
+    sq = segments_for("sqrt", 10)  # ceil(sqrt 10) = 4 blocks per segment
+    assert [(a, b) for a, b, _ in sq] == [(0, 4), (4, 8), (8, 10)] and all(c for *_, c in sq)
+    assert all(c for *_, c in segments_for("full", 5)) and len(segments_for("selective", 5)) == 5
+
+
+def test_memory_ordering_of_policies():
+    """Measured activations kept after forward (written-out attention, so selective drops the s*s terms)."""
+    x = torch.randint(0, 64, (4, 16))
+    acts = {}
+    for policy, k in [("none", None), ("every-k", 2), ("full", None), ("selective", None)]:
+        acts[policy] = measure_step(apply_policy(make("matmul", n_layer=4), policy, k), (x, x)).activations
+    assert acts["full"] < acts["every-k"] < acts["none"]
+    assert acts["full"] < acts["selective"] < 0.7 * acts["none"]  # attention core dropped
+
+
+@pytest.mark.parametrize("policy,k,match", [
+    ("everything", None, "policy must be one of"),
+    ("every-k", 0, "k must be an integer with 1 <= k <= n_layer=4"),
+    ("every-k", 5, "k must be an integer with 1 <= k <= n_layer=4"),
+    ("every-k", None, "k must be"),
+    ("full", 2, "k is only used by policy 'every-k'"),
+])
+def test_bad_policy_arguments(policy, k, match):
+    with pytest.raises(ValueError, match=match):
+        apply_policy(make(), policy, k)
+
+
+def test_model_without_blocks():
+    with pytest.raises(ValueError, match="nn.ModuleList `blocks`"):
+        apply_policy(nn.Linear(2, 2), "full")
+    assert "selective" in POLICIES
