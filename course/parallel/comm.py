@@ -10,8 +10,9 @@ messages (Patarasuk & Yuan 2009), for a tensor of n bytes on N ranks:
 
 So data parallelism moves 2(N-1)/N·Ψ elements per step and ZeRO-3 3(N-1)/N·Ψ = 1.5x (Rajbhandari et
 al. 2020, section 7): the count does not shrink with N, which is why the interconnect matters.
-The counts are per call from these formulas; the timeline is measured (time.perf_counter, seconds
-since the Comm was made; an async collective ends when its future completes on gloo's thread).
+The counts are per call from these formulas; the timeline is measured (time.perf_counter: on Linux
+one monotonic clock for all processes, so ranks' spans line up; an async collective ends when its
+future completes on the backend's thread).
 """
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ class Comm:
     def __init__(self):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.t0 = time.perf_counter()
         self.reset()
 
     def reset(self):
@@ -57,7 +57,7 @@ class Comm:
         return float(sum(self.bytes.values()))
 
     def now(self) -> float:
-        return time.perf_counter() - self.t0
+        return time.perf_counter()
 
     @contextmanager
     def span(self, kind: str, name: str = ""):

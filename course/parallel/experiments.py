@@ -191,6 +191,16 @@ def time_strategies(setup: Setup, strategies=("bucketed", "ddp"), warmup: int = 
             for name in strategies}
 
 
+def train_many(setup: Setup, strategies=STRATEGIES, measure_memory: bool = True) -> dict:
+    """train() for several strategies in one launch, without the parameter copies."""
+    out = {}
+    for name in strategies:
+        r = train(setup, name, measure_memory=measure_memory)
+        r.pop("state")
+        out[name] = r
+    return out
+
+
 def compare_many(jobs: list[tuple[Setup, tuple[str, ...]]]) -> list[dict]:
     """Several compare() runs in one launch: spawning ranks costs seconds, a tiny step milliseconds."""
     return [compare(setup, strategies) for setup, strategies in jobs]

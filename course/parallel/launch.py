@@ -35,9 +35,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def backend() -> str:
-    """The one place that picks the collective library: NCCL on CUDA GPUs, gloo on CPU."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def backend(world_size: int | None = None) -> str:
+    """The one place that picks the collective library: NCCL when there is a GPU for every local
+    rank, gloo on the CPU otherwise (NCCL cannot put two ranks on one GPU)."""
+    if world_size is None:
+        world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
 
 
 def rank_device() -> torch.device:
@@ -118,11 +121,11 @@ def _worker(rank, world_size, port, fn, args, threads, log_dir, results, pg_time
         torch.set_num_threads(threads)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        kw = {}
-        if backend() == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-            kw["device_id"] = torch.device("cuda", torch.cuda.current_device())
-        dist.init_process_group(backend(), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        kw, name = {}, backend(world_size)
+        if name == "nccl":
+            torch.cuda.set_device(rank)
+            kw["device_id"] = torch.device("cuda", rank)
+        dist.init_process_group(name, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout), **kw)
         value = fn(*args)
         results.put((rank, "ok", pickle.dumps(value)))  # plain pickle: tensors by value, no shared memory
