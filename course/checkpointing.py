@@ -139,6 +139,7 @@ class PolicyResult:
     policy: str
     activations: int  # bytes alive at the end of forward (kept for backward), measured
     peak: int  # bytes at the peak of forward + backward (weights, grads and activations), measured
+    peak_activations: int  # of which activations & temporaries (not weights or gradients)
     step_time: float  # seconds, forward + backward, min over rounds
     time_ratio: float  # step_time / step_time of the first policy measured (normally "none")
     memory_ratio: float  # activations / activations of the first policy
@@ -170,7 +171,8 @@ def measure_policies(make_model, batch, policies=("none", "full", "every-k:2", "
             times[spec].append(_one_step(model, batch))
     base = policies[0]
     t = {spec: min(v[1:]) for spec, v in times.items()}  # round 0 is warm-up
-    return [PolicyResult(spec, mem[spec].activations, mem[spec].peak, t[spec], t[spec] / t[base],
+    return [PolicyResult(spec, mem[spec].activations, mem[spec].peak, mem[spec].at_peak["activations & temporaries"],
+                         t[spec], t[spec] / t[base],
                          mem[spec].activations / mem[base].activations) for spec in policies]
 
 

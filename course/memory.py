@@ -190,7 +190,8 @@ class LiveTensors(TorchDispatchMode):
         self.live: dict[int, tuple[int, int]] = {}  # data_ptr -> (uid, nbytes)
         self.current = 0
         self.peak = 0
-        self.peak_uids: set[int] = set()
+        self._events: list[tuple[int, bool]] = []  # (uid, allocated?) in order, to find what was live at the peak
+        self._peak_at = 0
         self.timeline: list[int] = []  # live bytes after each op
         self.marks: dict[str, int] = {}  # phase name -> index into timeline
         self._uid = 0
@@ -207,10 +208,10 @@ class LiveTensors(TorchDispatchMode):
         self._uid += 1
         self.live[ptr] = (self._uid, nbytes)
         self.current += nbytes
-        self._finalizers.append(weakref.finalize(st, self._free, ptr, self._uid))
+        self._events.append((self._uid, True))
+        self._finalizers.append(weakref.finalize(st, self._free, ptr, self._uid))  # runs when storage dies
         if self.current > self.peak:
-            self.peak = self.current
-            self.peak_uids = {uid for uid, _ in self.live.values()}
+            self.peak, self._peak_at = self.current, len(self._events)
         return self._uid
 
     def _free(self, ptr: int, uid: int):
@@ -218,6 +219,15 @@ class LiveTensors(TorchDispatchMode):
         if entry is not None and entry[0] == uid:
             del self.live[ptr]
             self.current -= entry[1]
+            self._events.append((uid, False))
+
+    @property
+    def peak_uids(self) -> set[int]:
+        """uids of the storages alive at the peak."""
+        alive: set[int] = set()
+        for uid, allocated in self._events[: self._peak_at]:
+            (alive.add if allocated else alive.discard)(uid)
+        return alive
 
     def uid_of(self, t: torch.Tensor) -> int | None:
         entry = self.live.get(t.untyped_storage().data_ptr())
@@ -463,3 +473,20 @@ def plan(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int, polic
         "total": sum(states.values()) + (kept + working) / 2**30,
         "extra compute": extra,
     }
+
+
+def measured_layer_bytes(n_embd: int, n_head: int, seq_len: int, batch: int, core: str = "sdpa",
+                         dropout: float = 0.0, device=None, dtype=torch.float32) -> int:
+    """Bytes one Block saves for backward, measured with `saved_tensors` on a 1-layer model (forward only)."""
+    from course.model import MatmulAttention, ModelConfig, Transformer, set_attention
+
+    if core not in ("sdpa", "matmul"):
+        raise ValueError(f"core must be 'sdpa' or 'matmul', got {core!r}")
+    cfg = ModelConfig.gpt(n_layer=1, n_head=n_head, n_embd=n_embd, block_size=seq_len, vocab_size=64,
+                          dropout=dropout)
+    model = Transformer(cfg).to(device=device, dtype=dtype)
+    if core == "matmul":
+        set_attention(model, lambda i: MatmulAttention())
+    idx = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    report, _ = saved_tensors(model, lambda: model(idx)[0].sum())
+    return report.under("blocks.0")
