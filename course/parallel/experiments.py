@@ -5,7 +5,7 @@ the same global batch each step (rank r trains on rows r*B/N..(r+1)*B/N), so its
 compared with one process training on the full batch.
 
     python -m course.parallel.experiments --nproc 2             # all strategies vs one process
-    torchrun --nproc-per-node=2 -m course.parallel.experiments  # the same, started by torchrun
+    torchrun --standalone --nproc-per-node=2 -m course.parallel.experiments   # the same, by torchrun
 """
 from __future__ import annotations
 
@@ -138,10 +138,12 @@ def train(setup: Setup, strategy: str = "bucketed", measure_memory: bool = False
         losses.append(_global_mean(loss, world))
         memory = mem or memory
     counted = strategy not in ("ddp", "fsdp2")  # torch's own collectives are not seen by Comm
-    return {"strategy": strategy, "rank": rank, "world": world, "losses": losses, "step_s": step_s,
-            "comm": comm.summary() if counted else None, "spans": comm.spans, "memory": memory,
-            "psi": getattr(strat, "psi", sum(p.numel() for p in strat.full_state_dict().values())),
-            "state": strat.full_state_dict()}
+    out = {"strategy": strategy, "rank": rank, "world": world, "losses": losses, "step_s": step_s,
+           "comm": comm.summary() if counted else None, "spans": list(comm.spans), "memory": memory}
+    state = strat.full_state_dict()  # after the counts: gathering it (ZeRO-3) is not training traffic
+    out["psi"] = getattr(strat, "psi", sum(t.numel() for t in state.values()))  # ZeRO: with padding
+    out["state"] = state
+    return out
 
 
 def _global_mean(x: float, world: int) -> float:
