@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -143,6 +143,7 @@ class PolicyResult:
     step_time: float  # seconds, forward + backward, min over rounds
     time_ratio: float  # step_time / step_time of the first policy measured (normally "none")
     memory_ratio: float  # activations / activations of the first policy
+    step: object = field(default=None, repr=False)  # the course.memory.StepMemory (timeline, breakdown)
 
 
 def measure_policies(make_model, batch, policies=("none", "full", "every-k:2", "sqrt", "selective"),
@@ -173,7 +174,7 @@ def measure_policies(make_model, batch, policies=("none", "full", "every-k:2", "
     t = {spec: min(v[1:]) for spec, v in times.items()}  # round 0 is warm-up
     return [PolicyResult(spec, mem[spec].activations, mem[spec].peak, mem[spec].at_peak["activations & temporaries"],
                          t[spec], t[spec] / t[base],
-                         mem[spec].activations / mem[base].activations) for spec in policies]
+                         mem[spec].activations / mem[base].activations, mem[spec]) for spec in policies]
 
 
 def _one_step(model: nn.Module, batch) -> float:
