@@ -277,7 +277,8 @@ def make_word_start_cloze(ids: torch.Tensor, tok, n: int, length: int, n_candida
     Windows of `length` tokens from `ids` (1-D) with the blank in the middle, placed on a lowercase
     letter that follows a space and is followed by at least two more letters ("the ?ython ...").
     The left context says only "a word starts here"; the rest of the word says which one.
-    Candidates: the answer plus n_candidates-1 other lowercase letters, answer at a random slot.
+    Candidates: the answer plus n_candidates-1 other lowercase letters drawn in proportion to how often
+    each letter starts a word, so the prior alone does not give the answer away; answer at a random slot.
     Returns dict(x (n, length), pos (n,), candidates (n, K), answer (n,)). Needs a character tokenizer."""
     if n <= 0 or length < 4 or n_candidates < 2:
         raise ValueError(f"need n > 0, length >= 4, n_candidates >= 2; got {n}, {length}, {n_candidates}")
@@ -292,15 +293,16 @@ def make_word_start_cloze(ids: torch.Tensor, tok, n: int, length: int, n_candida
     where = w[(ids[w - 1] == space) & is_letter[w] & is_letter[w + 1] & is_letter[w + 2]]
     if len(where) < n:
         raise ValueError(f"only {len(where)} word starts available, asked for n={n}")
+    letters_t = torch.tensor(letters)
+    freq = (ids[where][:, None] == letters_t[None, :]).sum(0).double()  # (26,) word-initial letter counts
     where = where[torch.randperm(len(where), generator=generator)[:n]]
     x = torch.stack([ids[w - half:w - half + length] for w in where])  # (n, length)
     pos = torch.full((n,), half)
-    letters_t = torch.tensor(letters)
     cands, answer = [], []
     for i in range(n):
         true = x[i, half]
-        others = letters_t[letters_t != true]
-        pick = others[torch.randperm(25, generator=generator)[:n_candidates - 1]]
+        p = (freq + 1) * (letters_t != true)  # distractors as frequent as real word starts, never the answer
+        pick = letters_t[torch.multinomial(p, n_candidates - 1, replacement=False, generator=generator)]
         slot = int(torch.randint(n_candidates, (1,), generator=generator))
         cands.append(torch.cat([pick[:slot], true[None], pick[slot:]]))
         answer.append(slot)
@@ -370,25 +372,20 @@ def features(model, x: torch.Tensor, pool: str = "mean") -> torch.Tensor:
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 steps: int = 300, lr: float = 0.1, weight_decay: float = 1e-3) -> float:
-    """Fit a logistic-regression classifier on frozen features (N, C) -> labels (N,); return test accuracy.
+                 ridge: float = 1.0) -> float:
+    """Fit a linear classifier on frozen features (N, C) -> labels (N,); return test accuracy.
 
-    Features are standardised with the training statistics; full-batch AdamW, deterministic."""
+    Ridge regression onto one-hot labels, solved in closed form (no training loop, deterministic):
+    W = (X^T X + ridge*I)^-1 X^T Y on standardised features with a bias column; predict argmax X W."""
     if len(train_x) == 0 or len(test_x) == 0:
         raise ValueError("linear_probe needs non-empty training and test features")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
-    tr, te = (train_x - mu) / sd, (test_x - mu) / sd
+    ones = lambda n: torch.ones(n, 1, dtype=torch.float64)
+    tr = torch.cat([((train_x - mu) / sd).double(), ones(len(train_x))], 1)  # (N, C+1)
+    te = torch.cat([((test_x - mu) / sd).double(), ones(len(test_x))], 1)
     n_class = int(max(train_y.max(), test_y.max())) + 1
-    g = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(tr.size(1), n_class)
-    with torch.no_grad():
-        head.weight.normal_(0, 0.01, generator=g)
-        head.bias.zero_()
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = F.cross_entropy(head(tr), train_y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return (head(te).argmax(1) == test_y).float().mean().item()
+    Y = F.one_hot(train_y, n_class).double()  # (N, K)
+    W = torch.linalg.solve(tr.T @ tr + ridge * torch.eye(tr.size(1), dtype=torch.float64), tr.T @ Y)  # (C+1, K)
+    return (te @ W).argmax(1).eq(test_y).float().mean().item()
