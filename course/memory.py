@@ -430,7 +430,7 @@ def plan(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int, polic
     """Memory and recompute cost of one GPT training step (analytic), for the planner widget.
 
     GiB of weights / gradients / optimizer state (`model_state_bytes`), activations kept after the
-    forward pass and at the backward peak (kept + the one segment being recomputed), and the extra
+    forward pass and at the backward peak (what earlier segments keep + the segment in backward), and the extra
     compute as a fraction of a step (forward 24bsh² + 4bs²h per layer; a step is 3 forwards).
     full = every layer's forward again; every-k = 1/k of them; sqrt = all layers once (segments of
     ceil(sqrt L)); selective = the attention core when it is written out (4bs²h per layer), else only
@@ -448,15 +448,19 @@ def plan(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int, polic
     kw = dict(bytes_per_el=bytes_per_el, core=core, dropout=dropout, device=device)
     layer = sum(layer_activation_bytes(s, b, h, a, **kw).values())
     x = s * b * h * bytes_per_el  # a block's input: what a checkpoint keeps
+    # walk the segments like backward does: while segment j runs backward, segments before it still hold
+    # what they kept, and j holds its full activations (recomputed if it was checkpointed)
+    from course.checkpointing import segments_for  # local: checkpointing imports this module lazily
+
+    sel = selective_layer_bytes(s, b, h, a, **kw)
+    kept_parts, live_parts = [], []
+    for start, stop, ckpt in segments_for(policy, L, k if policy == "every-k" else None):
+        n = stop - start
+        kept_parts.append(n * sel if policy == "selective" else (x if ckpt else n * layer))
+        live_parts.append(n * layer)
+    kept = sum(kept_parts)
+    peak = max([kept] + [sum(kept_parts[:j]) + live_parts[j] for j in range(len(kept_parts))])
     n_ckpt = {"none": 0, "full": L, "every-k": math.ceil(L / (k or 1)), "sqrt": L, "selective": L}[policy]
-    if policy == "sqrt":
-        m = math.ceil(math.sqrt(L))
-        kept, working = math.ceil(L / m) * x, m * layer
-    elif policy == "selective":
-        sel = selective_layer_bytes(s, b, h, a, **kw)
-        kept, working = L * sel, layer - sel
-    else:
-        kept, working = n_ckpt * x + (L - n_ckpt) * layer, (layer if n_ckpt else 0)
     fwd_layer = 24 * b * s * h * h + 4 * b * s * s * h
     fused = core == "sdpa" and not (dropout and device == "cpu")
     if policy == "selective":
@@ -469,8 +473,8 @@ def plan(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int, polic
         "params": n_params,
         **states,
         "activations kept": kept / 2**30,
-        "activations peak": (kept + working) / 2**30,
-        "total": sum(states.values()) + (kept + working) / 2**30,
+        "activations peak": peak / 2**30,
+        "total": sum(states.values()) + peak / 2**30,
         "extra compute": extra,
     }
 
