@@ -247,3 +247,20 @@ def test_live_memory_tracks_creation_and_frees():
         c = b + 1  # 256 KiB: a was freed, so 2 alive
         del b, c
     assert mem.peak == 2 * 256 * 256 * 4 and mem.current == 0
+
+
+def test_explore_reports_the_cost_the_widget_shows():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from course.attention.lesson import attention_distance, explore
+    fig, cost = explore("bigbird", seq_len=512, block_size=32, window=3, n_global=1, n_random=2)
+    want = attention_cost(make_pattern("bigbird", 512, 32, 3, 1, 2), 4, 64)
+    assert cost.sparse_flops == want.sparse_flops and cost.density < 0.5
+    plt.close(fig)
+    with pytest.raises(ValueError, match="pattern"):
+        explore("nope")
+    eye = torch.eye(8).expand(2, 1, 3, 8, 8)  # (L, B, H, T, T): attend to self only
+    assert attention_distance(eye).abs().sum() == 0
+    prev = torch.eye(8).roll(-1, 1).expand(1, 1, 1, 8, 8)  # one token back (wrapping at 0)
+    assert attention_distance(prev)[0, 0] == pytest.approx((7 * 1 + 7) / 8)

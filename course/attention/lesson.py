@@ -1,0 +1,137 @@
+"""Figures and small experiments the sparse-attention lesson calls (logic here, widgets just call it)."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .block_sparse import BlockSparseAttention, sparse_attention_maps
+from .cost import attention_cost
+from .patterns import PATTERNS, SparsePattern, make_pattern
+
+GALLERY = ("causal", "sliding_window", "dilated", "global_tokens", "random_blocks", "bigbird", "longformer",
+           "strided", "fixed")
+
+
+def plot_pattern(p: SparsePattern, ax=None, head: int = 0, title: str | None = None):
+    """The element mask of one head (kept = dark), with the block grid the kernel computes on."""
+    ax = ax or plt.subplots(figsize=(3.2, 3.2))[1]
+    m = p.dense_mask()[min(head, p.n_heads - 1)].float()
+    tiles = p.layout[min(head, p.n_heads - 1)].repeat_interleave(p.block_size, 0).repeat_interleave(p.block_size, 1)
+    tiles = tiles[:p.seq_len, :p.seq_len].float()
+    ax.imshow((0.25 * tiles + 0.75 * m).numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title or f"{p.name}\n{p.density():.1%} of scores, {p.block_density():.0%} of tiles", fontsize=8)
+    ax.set_xlabel("key position", fontsize=8)
+    ax.set_ylabel("query position", fontsize=8)
+    ax.tick_params(labelsize=7)
+    return ax
+
+
+def gallery(seq_len: int = 512, block_size: int = 32, names=GALLERY, **kw):
+    """Every pattern side by side (grey = computed tile, black = kept element)."""
+    fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(2.7 * ((len(names) + 1) // 2), 6))
+    for ax, name in zip(axes.flat, names):
+        plot_pattern(make_pattern(name, seq_len, block_size, **kw), ax)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def explore(pattern: str = "bigbird", seq_len: int = 1024, block_size: int = 64, window: int = 3,
+            n_global: int = 2, n_random: int = 3, seed: int = 0, n_heads: int = 4, head_dim: int = 64):
+    """Mask, density and cost of one configuration -> (figure, AttentionCost). The explorer widget calls this."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+    p = make_pattern(pattern, seq_len, block_size, window, n_global, n_random, n_heads=1, seed=seed)
+    cost = attention_cost(p, n_heads, head_dim)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.6))
+    plot_pattern(p, a)
+    lens, costs = [], []
+    for T in (seq_len // 2, seq_len, seq_len * 2, seq_len * 4):  # lengths too short for the knobs are skipped
+        try:
+            costs.append(attention_cost(make_pattern(pattern, T, block_size, window, n_global, n_random, seed=seed),
+                                        n_heads, head_dim))
+            lens.append(T)
+        except ValueError:
+            pass
+    b.loglog(lens, [c.dense_flops / 1e9 for c in costs], "o-", label="dense")
+    b.loglog(lens, [c.sparse_flops / 1e9 for c in costs], "s-", label="block-sparse tiles")
+    b.set_xlabel("sequence length (tokens)")
+    b.set_ylabel("attention fwd+bwd (GFLOP)")
+    b.set_title(f"{n_heads} heads, head dim {head_dim}", fontsize=9)
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig, cost
+
+
+def explorer():
+    """ipywidgets explorer around `explore` (pattern, length, block size, window, globals, randoms)."""
+    import ipywidgets as w
+
+    def show(pattern, log2_len, block_size, window, n_global, n_random, seed):
+        try:
+            fig, cost = explore(pattern, 2 ** log2_len, block_size, window, n_global, n_random, seed)
+            plt.show()
+            print(cost)
+        except ValueError as e:  # e.g. more random blocks than exist: say so instead of a blank cell
+            print(f"not possible: {e}")
+    return w.interactive(show, pattern=w.Dropdown(options=PATTERNS, value="bigbird"),
+                         log2_len=w.IntSlider(value=10, min=8, max=12, description="log2 T"),
+                         block_size=w.Dropdown(options=[16, 32, 64, 128], value=64),
+                         window=w.IntSlider(value=3, min=1, max=9, step=2),
+                         n_global=w.IntSlider(value=2, min=0, max=4), n_random=w.IntSlider(value=3, min=0, max=6),
+                         seed=w.IntText(value=0))
+
+
+def plot_scaling(rows: list[dict], make, n_heads: int = 4, head_dim: int = 64, flex: dict | None = None):
+    """Measured time and peak memory vs length (log-log), with FLOP-proportional theory curves
+    anchored at the longest measured point of each kernel."""
+    T = np.array([r["seq_len"] for r in rows])
+    cost = [attention_cost(make(int(t)), n_heads, head_dim) for t in T]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, flops_key, label, mark in (("dense_s", "dense_flops", "dense masked SDPA", "o"),
+                                        ("sparse_s", "sparse_flops", "block-sparse (ours)", "s")):
+        have = [i for i, r in enumerate(rows) if key in r]
+        t, y = T[have], np.array([rows[i][key] for i in have])
+        f = np.array([getattr(cost[i], flops_key) for i in have])
+        line, = a.loglog(t, y, mark + "-", label=f"{label}, measured")
+        a.loglog(t, f * y[-1] / f[-1], ":", color=line.get_color(), label=f"{label}, ∝ FLOPs")
+    if flex:
+        a.loglog(list(flex), list(flex.values()), "^", ms=9, label="compiled FlexAttention (forward only)")
+    a.set_xlabel("sequence length (tokens)")
+    a.set_ylabel("forward + backward time (s)")
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3, which="both")
+    for key, label, mark in (("dense_peak_bytes", "dense masked SDPA", "o"), ("sparse_peak_bytes", "block-sparse", "s")):
+        have = [r for r in rows if key in r]
+        if have:
+            b.loglog([r["seq_len"] for r in have], [r[key] / 2**20 for r in have], mark + "-", label=label)
+    b.loglog(T, [c.dense_score_bytes / 2**20 for c in cost], ":", label="T² score matrix (theory)")
+    b.loglog(T, [c.sparse_bytes / 2**20 for c in cost], "--", label="kept tiles + gathered K,V (theory)")
+    b.set_xlabel("sequence length (tokens)")
+    b.set_ylabel("peak memory (MiB)")
+    b.legend(fontsize=7)
+    b.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def sparse_gpt(config, make_pattern_for_layer):
+    """A course Transformer whose layer i uses BlockSparseAttention(make_pattern_for_layer(i))."""
+    from ..model import Transformer, set_attention
+    model = Transformer(config)
+    return set_attention(model, lambda i: BlockSparseAttention(make_pattern_for_layer(i)))
+
+
+def attention_distance(maps: torch.Tensor) -> torch.Tensor:
+    """Mean |query - key| distance under the attention weights, per layer and head: (L, H)."""
+    T = maps.size(-1)
+    pos = torch.arange(T, dtype=maps.dtype)
+    dist = (pos.view(-1, 1) - pos.view(1, -1)).abs()  # (T, T)
+    return (maps * dist).sum(-1).mean(dim=(1, 3))  # (L, H)
+
+
+__all__ = ["GALLERY", "plot_pattern", "gallery", "explore", "explorer", "plot_scaling", "sparse_gpt",
+           "attention_distance", "sparse_attention_maps"]
