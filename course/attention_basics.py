@@ -165,26 +165,43 @@ def head_stats(maps: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def describe_heads(maps: torch.Tensor, threshold: float = 0.4) -> list[str]:
-    """One plain-English line per head from `head_stats`: its dominant pattern, if any."""
+def _uniform_causal(T: int) -> torch.Tensor:
+    """(1, 1, T, T): every query spreads its weight evenly over the keys it may see."""
+    mask = causal_mask(T).float()
+    return (mask / mask.sum(-1, keepdim=True))[None, None]
+
+
+def describe_heads(maps: torch.Tensor, strong: float = 0.4, lean: float = 1.5) -> list[str]:
+    """One plain-English line per causal head from `head_stats`, judged against a uniform causal head.
+
+    A head is a previous-token / self / first-token head when it puts >= `strong` of its weight
+    there; it "leans" that way when it puts >= `lean` times the uniform head's weight there;
+    it is sharp by content when its entropy is under 60 % of the uniform head's without any of
+    those positional preferences, and local when its mean look-back is under 60 % of uniform's.
+    """
     s = head_stats(maps)
+    u = {k: float(v) for k, v in head_stats(_uniform_causal(torch.as_tensor(maps).size(-1))).items()}
+    names = {"prev": "previous-token", "self": "self / current-token", "first": "first-token"}
+    short = {"prev": "previous", "self": "current", "first": "first"}
     L, H = s["prev"].shape
     lines = []
     for l in range(L):
         for h in range(H):
-            prev, own, first, dist = (float(s[k][l, h]) for k in ("prev", "self", "first", "distance"))
-            if prev >= threshold:
-                kind = "previous-token head"
-            elif own >= threshold:
-                kind = "self / current-token head"
-            elif first >= threshold:
-                kind = "first-token head (a resting place when nothing fits)"
-            elif dist <= 3:
-                kind = "local head (looks a few tokens back)"
+            v = {k: float(s[k][l, h]) for k in s}
+            ratio = {k: v[k] / u[k] for k in names}
+            top = max(names, key=lambda k: ratio[k])
+            if v[top] >= strong:
+                kind = f"{names[top]} head"
+            elif ratio[top] >= lean:
+                kind = f"leans to the {short[top]} token ({ratio[top]:.1f}x uniform)"
+            elif v["entropy"] < 0.6 * u["entropy"]:
+                kind = "sharp but not positional (picks by content)"
+            elif v["distance"] < 0.6 * u["distance"]:
+                kind = "local (looks a few tokens back)"
             else:
-                kind = "broad head (mixes context from far back)"
-            lines.append(f"layer {l} head {h}: {kind:<52} prev {prev:.2f} self {own:.2f} "
-                         f"first {first:.2f} look-back {dist:5.1f}")
+                kind = "broad (mixes context from far back)"
+            lines.append(f"layer {l} head {h}: {kind:<42} prev {v['prev']:.2f} self {v['self']:.2f} "
+                         f"first {v['first']:.2f} look-back {v['distance']:4.1f} entropy {v['entropy']:.2f}")
     return lines
 
 
