@@ -147,12 +147,13 @@ class PolicyResult:
 
 
 def measure_policies(make_model, batch, policies=("none", "full", "every-k:2", "sqrt", "selective"),
-                     rounds: int = 3, progress: bool = False) -> list[PolicyResult]:
+                     rounds: int = 3, progress: bool = False, threads: int | None = None) -> list[PolicyResult]:
     """Memory (LiveTensors) and step time of each policy on the same model and batch.
 
     make_model() builds a fresh model (same seed each call). Policies are "name" or "every-k:K".
     Timing rounds are interleaved across policies and the minimum is kept, so a busy machine slows
-    every policy alike instead of whichever ran during a burst.
+    every policy alike instead of whichever ran during a burst. threads: torch.set_num_threads while
+    timing (1 makes CPU ratios steadier on a shared machine; intra-op threads wait for each other).
     """
     from course.memory import measure_step  # local: course.memory imports nothing from here
 
@@ -167,9 +168,15 @@ def measure_policies(make_model, batch, policies=("none", "full", "every-k:2", "
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="timing rounds")
-    for r in it:
-        for spec, model in models.items():
-            times[spec].append(_one_step(model, batch))
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for r in it:
+            for spec, model in models.items():
+                times[spec].append(_one_step(model, batch))
+    finally:
+        torch.set_num_threads(saved_threads)
     base = policies[0]
     t = {spec: min(v[1:]) for spec, v in times.items()}  # round 0 is warm-up
     return [PolicyResult(spec, mem[spec].activations, mem[spec].peak, mem[spec].at_peak["activations & temporaries"],
