@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from course.checkpointing import measure_policies  # noqa: E402
 from course.device import machine_info, profile  # noqa: E402
-from course.memory import layer_activation_bytes  # noqa: E402
+from course.memory import korthikanti_flops, layer_activation_bytes  # noqa: E402
 from course.model import MatmulAttention, ModelConfig, Transformer, set_attention  # noqa: E402
 
 
@@ -103,7 +103,9 @@ def main():
                f["selective"]["time_ratio"],
                f["selective"]["activation_saving"] >= 0.40 and f["selective"]["time_ratio"] <= 1.10),
     ])
-    config = {"profile": prof.name, "device": str(dev), "n_layer": L, "n_head": H, "n_embd": C, "seq_len": T,
+    # the paper's own FLOPs formula at this shape: selective overhead grows like s/h (GPT-3: s/h = 1/6)
+    predicted = korthikanti_flops(T, B, C, L, V, "selective") / korthikanti_flops(T, B, C, L, V) - 1
+    config = {"profile": prof.name, "selective_overhead_predicted_by_paper_formula": round(predicted, 4), "device": str(dev), "n_layer": L, "n_head": H, "n_embd": C, "seq_len": T,
               "batch": B, "vocab": V, "dtype": "float32", "rounds": args.rounds,
               "analytic_layer_bytes": layer, "settings": {"fused": "SDPA, dropout 0", "paper": "MatmulAttention, dropout 0.1"}}
     print(json.dumps({"machine": machine_info(), "config": config, "measured": measured, "targets": targets}))

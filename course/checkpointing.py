@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from course.model import Block
+
 POLICIES = ("none", "full", "every-k", "sqrt", "selective")
 
 _aten = torch.ops.aten
@@ -116,6 +118,9 @@ def apply_policy(model: nn.Module, policy: str, k: int | None = None) -> nn.Modu
         raise ValueError("apply_policy needs a model with a non-empty nn.ModuleList `blocks` of Blocks "
                          f"(course.model.Transformer), got {type(model).__name__} "
                          f"with blocks={type(blocks).__name__}")
+    others = sorted({type(b).__name__ for b in blocks.children() if not isinstance(b, Block)})
+    if others:
+        raise ValueError(f"apply_policy: model.blocks must hold course.model.Block modules, found {others}")
     segments = segments_for(policy, len(blocks), k)
     model.blocks = RecomputedBlocks(list(blocks.children()), segments, policy == "selective",
                                     policy if policy != "every-k" else f"every-{k}")

@@ -93,4 +93,8 @@ def test_bad_policy_arguments(policy, k, match):
 def test_model_without_blocks():
     with pytest.raises(ValueError, match="nn.ModuleList `blocks`"):
         apply_policy(nn.Linear(2, 2), "full")
+    wrong = make()
+    wrong.blocks = nn.ModuleList([nn.Linear(32, 32)])
+    with pytest.raises(ValueError, match=r"must hold course.model.Block modules, found \['Linear'\]"):
+        apply_policy(wrong, "full")
     assert "selective" in POLICIES
