@@ -6,7 +6,8 @@
 Targets (issue 4, CPU): block-sparse fwd+bwd >= 4x faster than dense masked SDPA at 8192 tokens;
 block-sparse peak memory 8192 -> 16384 at most 2.3x; block-sparse forward within 2x of compiled
 FlexAttention's forward at 8192 (same BlockMask). Dense is measured in the same process; the last
-line printed is one JSON object.
+line printed is one JSON object. On CPU, glibc is told to keep freed memory for every kernel alike
+(`keep_freed_memory`): without it each large tensor page-faults afresh (no caching allocator on CPU).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 
 from course.attention import bigbird  # noqa: E402
 from course.attention.cost import attention_cost  # noqa: E402
-from course.attention.measure import Kernels, crossover, peak_memory, sweep, time_it  # noqa: E402
+from course.attention.measure import Kernels, crossover, keep_freed_memory, peak_memory, sweep, time_it  # noqa: E402
 from course.device import machine_info, pick_device  # noqa: E402
 
 
@@ -40,6 +41,7 @@ def main():
         seq_lens, dense_up_to, repeats = (512, 1024, 2048, 4096, 8192, 16384), 8192, 2
     make = lambda T: bigbird(T, block_size=64, window_blocks=3, n_global_blocks=2, n_random_blocks=3, n_heads=H)
     torch.manual_seed(0)
+    allocator = keep_freed_memory() if device.type == "cpu" else "cuda caching allocator"
     rows = sweep(make, seq_lens, dense_up_to, H, D, device=device, repeats=repeats, progress=False)
     for r in rows:
         c = attention_cost(make(r["seq_len"]), H, D)
@@ -83,7 +85,8 @@ def main():
     measured = dict(rows=rows, crossover_seq_len=crossover(rows), flex=flex)
     config = dict(pattern="bigbird", block_size=64, window_blocks=3, n_global_blocks=2, n_random_blocks=3,
                   batch=1, heads=H, head_dim=D, dtype="float32", pass_="fwd+bwd", seq_lens=list(seq_lens),
-                  dense_up_to=dense_up_to, repeats=repeats, timing="best of repeats", device=str(device),
+                  dense_up_to=dense_up_to, repeats=repeats, glibc_keep_freed_memory=allocator,
+                  timing="best of repeats", device=str(device),
                   memory="peak live tensor bytes created during the call (TorchDispatchMode on CPU, "
                          "torch.cuda peak on GPU)")
     print(json.dumps(dict(machine=machine_info(), config=config, measured=measured, targets=targets)))
