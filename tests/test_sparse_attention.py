@@ -124,6 +124,12 @@ def test_bigbird_layout_by_hand():
     assert torch.equal(pc.layout[0, :, :2], torch.ones(8, 2, dtype=torch.bool).tril())
 
 
+def test_dense_mask_of_tiles_equals_mask_mod():
+    p = bigbird(200, 16, n_random_blocks=2, n_heads=2, causal=True)
+    h, i, j = torch.arange(2).view(2, 1, 1), torch.arange(200).view(1, -1, 1), torch.arange(200).view(1, 1, -1)
+    assert torch.equal(p.dense_mask(), p.mask_mod(0, h, i, j))
+
+
 def test_bigbird_random_blocks_are_seeded_per_head_and_outside_window():
     a = bigbird(1024, n_heads=4, seed=0)  # defaults: block 64, 3-block window, 2 global, 3 random
     b = bigbird(1024, n_heads=4, seed=0)

@@ -69,6 +69,12 @@ class SparsePattern:
         """The element mask (H, T, T), True = attend. Materializes T*T bools: for tests and pictures."""
         H = n_heads or self.n_heads
         T = self.seq_len
+        if self.block_exact:  # expand the tiles: no (H, T, T) int64 index tensors
+            bs = self.block_size
+            m = self.layout.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, :T, :T]
+            if self.causal:
+                m = m & torch.ones(T, T, dtype=torch.bool, device=m.device).tril()
+            return m.expand(H, T, T).clone()
         h = torch.arange(H).view(H, 1, 1)
         i = torch.arange(T).view(1, T, 1)
         j = torch.arange(T).view(1, 1, T)
