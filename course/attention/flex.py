@@ -10,7 +10,6 @@ GPU; eager flex materializes the scores (correct, slow). On CPU it has no backwa
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

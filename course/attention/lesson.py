@@ -104,7 +104,8 @@ def plot_scaling(rows: list[dict], make, n_heads: int = 4, head_dim: int = 64, f
     a.set_ylabel("forward + backward time (s)")
     a.legend(fontsize=7)
     a.grid(alpha=0.3, which="both")
-    for key, label, mark in (("dense_peak_bytes", "dense masked SDPA", "o"), ("sparse_peak_bytes", "block-sparse", "s")):
+    for key, label, mark in (("dense_peak_bytes", "dense masked SDPA", "o"),
+                             ("sparse_peak_bytes", "block-sparse", "s")):
         have = [r for r in rows if key in r]
         if have:
             b.loglog([r["seq_len"] for r in have], [r[key] / 2**20 for r in have], mark + "-", label=label)

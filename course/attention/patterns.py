@@ -278,7 +278,8 @@ def bigbird(seq_len: int, block_size: int = 64, window_blocks: int = 3, n_global
 
 def longformer(seq_len: int, window: int, n_global: int, block_size: int = 64, causal: bool = False) -> SparsePattern:
     """Sliding window of `window` tokens each side plus `n_global` global tokens (Beltagy et al. 2020)."""
-    return union(sliding_window(seq_len, window, block_size, causal), global_tokens(seq_len, n_global, block_size, causal),
+    return union(sliding_window(seq_len, window, block_size, causal),
+                 global_tokens(seq_len, n_global, block_size, causal),
                  name=f"longformer w{window} g{n_global}")
 
 
@@ -300,7 +301,8 @@ def strided(seq_len: int, stride: int, block_size: int = 64, split: bool = False
                           n_heads if split else 1)
 
 
-def fixed(seq_len: int, stride: int, c: int, block_size: int = 64, split: bool = False, n_heads: int = 2) -> SparsePattern:
+def fixed(seq_len: int, stride: int, c: int, block_size: int = 64, split: bool = False,
+          n_heads: int = 2) -> SparsePattern:
     """Sparse Transformer fixed pattern (Child et al. 2019, §4.2), causal: own stride block + last c of each."""
     _check_common(seq_len, block_size)
     _check_int("stride", stride)
