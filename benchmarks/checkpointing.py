@@ -6,6 +6,11 @@
 Two settings on the same sizes:
 - "fused": the model's default (fused SDPA attention, no dropout): none, full, every-2, sqrt, selective.
 - "paper": Korthikanti et al.'s setting (attention written out, dropout 0.1): none, selective.
+A second shape, "gpt3_ratio", in the regime selective recomputation is designed for: GPT-3's ratios
+(s/h <= 1/2, with 5*a*s/h large enough that the s^2 attention terms are over 40% of a layer's
+activations; GPT-3: s/h = 1/6, 5as/h = 80), few layers, "paper" setting only. Chosen by the formula
+before measuring: h=1024, a=16, s=512, b=1, 2 layers (s/h = 1/2, 5as/h = 40, paper-formula overhead 7.5%).
+At the first shape (s/h = 1) the paper's own formula predicts 14% extra FLOPs, over the 10% budget.
 Activation memory = bytes alive at the end of forward (kept for backward), measured by
 course.memory.LiveTensors; peak activations = what is alive at the step's peak besides weights and
 gradients; layer-units divide by the analytic bytes of one layer without recomputation. Step time =
@@ -33,20 +38,17 @@ def main():
     ap.add_argument("--gpu", action="store_true", help="use the 'gpu' profile sizes on CUDA")
     ap.add_argument("--n-layer", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads while timing (CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     prof = profile("gpu" if args.gpu else "cpu", "cuda" if args.gpu else None)
     dev = prof.device
     L, H, C, T, B, V = args.n_layer, prof.n_head, prof.n_embd, prof.block_size, prof.batch_size, 512
-    g = torch.Generator().manual_seed(0)
-    x, y = (torch.randint(0, V, (B, T), generator=g).to(dev) for _ in range(2))
-
-    def maker(core, dropout):
+    def maker(nl, nh, ne, sl, core, dropout):
         def make():
             torch.manual_seed(0)
-            m = Transformer(ModelConfig.gpt(n_layer=L, n_head=H, n_embd=C, block_size=T, vocab_size=V,
+            m = Transformer(ModelConfig.gpt(n_layer=nl, n_head=nh, n_embd=ne, block_size=sl, vocab_size=V,
                                             dropout=dropout)).to(dev)
             if core == "matmul":
                 set_attention(m, lambda i: MatmulAttention())
@@ -54,30 +56,40 @@ def main():
         return make
 
     dtype_dev = "cuda" if dev.type == "cuda" else "cpu"
-    layer = {core: sum(layer_activation_bytes(T, B, C, H, core=core, dropout=d > 0, device=dtype_dev).values())
-             for core, d in (("sdpa", 0.0), ("matmul", 0.1))}
-    measured = {}
-    for setting, core, dropout, policies in (
-            ("fused", "sdpa", 0.0, ("none", "full", "every-k:2", "sqrt", "selective")),
-            ("paper", "matmul", 0.1, ("none", "selective"))):
-        results = measure_policies(maker(core, dropout), (x, y), policies, rounds=args.rounds)
-        rows = {}
-        for r in results:
-            peak_acts = r.peak_activations
-            rows[r.policy] = {
-                "activation_bytes": r.activations,
-                "activation_saving": round(1 - r.memory_ratio, 4),
-                "activation_layer_units": round(r.activations / layer[core], 3),
-                "peak_bytes": r.peak,
-                "peak_activation_layer_units": round(peak_acts / layer[core], 3),
-                "step_time_s": round(r.step_time, 4),
-                "time_ratio": round(r.time_ratio, 4),
-            }
-            print(f"{setting:6s} {r.policy:10s} activations {r.activations / 2**20:8.1f} MiB "
-                  f"({1 - r.memory_ratio:5.1%} saved, {rows[r.policy]['activation_layer_units']:5.2f} layer-units)"
-                  f"  peak-activations {rows[r.policy]['peak_activation_layer_units']:5.2f} layer-units"
-                  f"  step {r.step_time * 1e3:7.1f} ms  x{r.time_ratio:.3f}", flush=True)
-        measured[setting] = rows
+    shapes = {  # name: (n_layer, n_head, n_embd, seq_len, batch, settings)
+        "default": (L, H, C, T, B, ("fused", "paper")),
+        # GPT-3-like ratios (see the module docstring); GPU: s/h = 1/2, 5as/h = 80
+        "gpt3_ratio": (4, 32, 2048, 1024, 4, ("paper",)) if args.gpu else (2, 16, 1024, 512, 1, ("paper",)),
+    }
+    settings = {"fused": ("sdpa", 0.0, ("none", "full", "every-k:2", "sqrt", "selective")),
+                "paper": ("matmul", 0.1, ("none", "selective"))}
+    measured, layer = {}, {}
+    for shape, (nl, nh, ne, sl, bs, names) in shapes.items():
+        g = torch.Generator().manual_seed(0)
+        x, y = (torch.randint(0, V, (bs, sl), generator=g).to(dev) for _ in range(2))
+        for setting in names:
+            core, dropout, policies = settings[setting]
+            key = setting if shape == "default" else f"{shape}_{setting}"
+            layer[key] = sum(layer_activation_bytes(sl, bs, ne, nh, core=core, dropout=dropout > 0,
+                                                    device=dtype_dev).values())
+            make = maker(nl, nh, ne, sl, core, dropout)
+            results = measure_policies(make, (x, y), policies, rounds=args.rounds, threads=args.threads)
+            rows = {}
+            for r in results:
+                rows[r.policy] = {
+                    "activation_bytes": r.activations,
+                    "activation_saving": round(1 - r.memory_ratio, 4),
+                    "activation_layer_units": round(r.activations / layer[key], 3),
+                    "peak_bytes": r.peak,
+                    "peak_activation_layer_units": round(r.peak_activations / layer[key], 3),
+                    "step_time_s": round(r.step_time, 4),
+                    "time_ratio": round(r.time_ratio, 4),
+                }
+                print(f"{key:17s} {r.policy:10s} activations {r.activations / 2**20:8.1f} MiB "
+                      f"({1 - r.memory_ratio:5.1%} saved, {rows[r.policy]['activation_layer_units']:5.2f} "
+                      f"layer-units)  peak-activations {rows[r.policy]['peak_activation_layer_units']:5.2f} "
+                      f"layer-units  step {r.step_time * 1e3:7.1f} ms  x{r.time_ratio:.3f}", flush=True)
+            measured[key] = rows
 
     f, p = measured["fused"], measured["paper"]
     sqrt_bound = 2 * math.sqrt(L)
@@ -103,10 +115,23 @@ def main():
                f["selective"]["time_ratio"],
                f["selective"]["activation_saving"] >= 0.40 and f["selective"]["time_ratio"] <= 1.10),
     ])
+    g3 = measured["gpt3_ratio_paper"]
+    targets.update([target("selective_saving_gpt3_ratio_paper_setting", ">= 0.40 saved at <= 1.10x time",
+                           {"saving": g3["selective"]["activation_saving"], "time_ratio": g3["selective"]["time_ratio"]},
+                           {"activation_bytes": g3["none"]["activation_bytes"], "step_time_s": g3["none"]["step_time_s"]},
+                           g3["selective"]["time_ratio"],
+                           g3["selective"]["activation_saving"] >= 0.40 and g3["selective"]["time_ratio"] <= 1.10)])
     # the paper's own FLOPs formula at this shape: selective overhead grows like s/h (GPT-3: s/h = 1/6)
-    predicted = korthikanti_flops(T, B, C, L, V, "selective") / korthikanti_flops(T, B, C, L, V) - 1
-    config = {"profile": prof.name, "selective_overhead_predicted_by_paper_formula": round(predicted, 4), "device": str(dev), "n_layer": L, "n_head": H, "n_embd": C, "seq_len": T,
-              "batch": B, "vocab": V, "dtype": "float32", "rounds": args.rounds,
+    def predicted(nl, nh, ne, sl, bs, _):
+        return round(korthikanti_flops(sl, bs, ne, nl, V, "selective") / korthikanti_flops(sl, bs, ne, nl, V) - 1, 4)
+
+    nl2, nh2, ne2, sl2, bs2, _ = shapes["gpt3_ratio"]
+    config = {"profile": prof.name, "selective_overhead_predicted_by_paper_formula": predicted(*shapes["default"]),
+              "device": str(dev), "n_layer": L, "n_head": H, "n_embd": C, "seq_len": T,
+              "batch": B, "vocab": V, "dtype": "float32", "rounds": args.rounds, "threads": args.threads,
+              "gpt3_ratio": {"n_layer": nl2, "n_head": nh2, "n_embd": ne2, "seq_len": sl2, "batch": bs2,
+                             "s_over_h": sl2 / ne2, "5as_over_h": 5 * nh2 * sl2 / ne2,
+                             "selective_overhead_predicted_by_paper_formula": predicted(*shapes["gpt3_ratio"])},
               "analytic_layer_bytes": layer, "settings": {"fused": "SDPA, dropout 0", "paper": "MatmulAttention, dropout 0.1"}}
     print(json.dumps({"machine": machine_info(), "config": config, "measured": measured, "targets": targets}))
 
