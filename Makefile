@@ -12,6 +12,7 @@ TORCH_PIP_ARGS ?=
 # transformers (--no-deps). PRETRAINED=0 skips it; lesson 02 then skips its pretrained-BERT section.
 PRETRAINED     ?= 1
 PYTEST_ARGS    ?=
+LAB_ARGS       ?=
 
 .PHONY: setup lab test test-lib test-notebooks bench clean
 
@@ -25,8 +26,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -c "import torch, course; print('torch', torch.__version__, '| course', course.__version__)"
 	touch $@
 
+# --allow-root only where you are root (containers): Jupyter refuses to start as root otherwise.
 lab: setup
-	$(BIN)/python -m jupyter lab notebooks/00_tour.ipynb
+	$(BIN)/python -m jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/00_tour.ipynb
 
 # The whole suite: library tests, then every lesson notebook executed and checked by nbval.
 test: setup
