@@ -11,20 +11,29 @@ that segment. Policies, for a model with n blocks:
 - sqrt:      ceil(sqrt n) blocks per segment (Chen et al. 2016, "Training deep nets with sublinear
              memory cost"): n/m segment inputs + m layers while one segment is recomputed, minimised
              at m = sqrt n, i.e. ~2 sqrt(n) layer-units of memory for one extra forward.
-- selective: Korthikanti et al. 2022 ("Reducing activation recomputation in large transformer
-             models"): keep the outputs of the expensive ops (linear layers and the fused attention
-             kernel), recompute the cheap ones (LayerNorm, GELU, softmax, dropout, residual adds, and
-             the attention core's own matmuls when attention is written out). Built on
+- selective: op-level selective recomputation (torchtitan's "op" SAC) over every block: keep the
+             outputs of the expensive ops (the linear layers' matmuls and the fused attention kernel),
+             recompute the cheap ones (LayerNorm, GELU, softmax, dropout, residual adds, and the
+             attention core's own matmuls when attention is written out). Built on
              `create_selective_checkpoint_contexts`: on CPU the fused attention op is
              aten._scaled_dot_product_flash_attention_for_cpu, on CUDA one of
              aten._scaled_dot_product_{flash,efficient,cudnn}_attention.
+- core-attention: Korthikanti et al. 2022 ("Reducing activation recomputation in large transformer
+             models"), Megatron's `--recompute-granularity selective`: the same op policy, applied only
+             to each block's attention core (QK^T, mask, softmax, dropout, attention over V). That is
+             where the s*s tensors live (5as/h of the paper's 34 + 5as/h bytes per sbh), and nothing
+             else is recomputed. A fused kernel (SDPA) keeps no s*s tensor; its output is kept, so under
+             fused attention this policy changes nothing, which is why FlashAttention-era training
+             rarely needs it.
 
 How it plugs in: `apply_policy(model, "sqrt")` replaces `model.blocks` by a `RecomputedBlocks`, a
 `nn.ModuleList` holding the very same Block objects, so parameter names and the state_dict are
-unchanged (a checkpointed model loads the same weights). `Transformer.hidden_states` runs
+unchanged (a checkpointed model loads the same weights). "core-attention" also wraps each
+`block.attn.core` in a `RecomputedCore` (attention cores hold no parameters). `Transformer.hidden_states` runs
 `for block in self.blocks: x = block(x, attn_mask)`; iterating a RecomputedBlocks yields one
 *segment runner* per segment instead of the blocks themselves (indexing, `.children()`,
-`.modules()` still give the Blocks). `remove_policy(model)` puts a plain ModuleList back.
+`.modules()` still give the Blocks). `remove_policy(model)` puts a plain ModuleList and the
+original cores back.
 
 Dropout: checkpoint saves and restores the RNG state (preserve_rng_state=True), so recomputed
 dropout masks equal the forward ones and gradients match no checkpointing exactly.
@@ -42,7 +51,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from course.model import Block
 
-POLICIES = ("none", "full", "every-k", "sqrt", "selective")
+POLICIES = ("none", "full", "every-k", "sqrt", "selective", "core-attention")
 
 _aten = torch.ops.aten
 # Outputs kept by the selective policy: matmuls of the linear layers and every fused attention kernel.
@@ -78,7 +87,7 @@ def segments_for(policy: str, n: int, k: int | None = None) -> list[tuple[int, i
     if policy == "sqrt":
         m = math.ceil(math.sqrt(n))  # blocks per segment
         return [(i, min(i + m, n), True) for i in range(0, n, m)]
-    return [(i, i + 1, policy in ("full", "selective")) for i in range(n)]
+    return [(i, i + 1, policy in ("full", "selective")) for i in range(n)]  # core-attention: inside blocks
 
 
 class RecomputedBlocks(nn.ModuleList):
@@ -107,8 +116,26 @@ class RecomputedBlocks(nn.ModuleList):
             yield partial(self._run_checkpointed if ckpt else self._run, start, stop)
 
     def __repr__(self) -> str:
+        if self.policy == "core-attention":
+            return f"RecomputedBlocks(policy='core-attention', {len(self)} blocks, attention cores recomputed)"
         desc = ", ".join(f"{a}-{b - 1}{'*' if c else ''}" for a, b, c in self.segments)
         return f"RecomputedBlocks(policy={self.policy!r}, {len(self)} blocks, segments [{desc}], * = recomputed)"
+
+
+class RecomputedCore(nn.Module):
+    """A block's attention core, checkpointed with the selective op policy (policy "core-attention")."""
+
+    def __init__(self, core: nn.Module):
+        super().__init__()
+        self.core = core
+
+    def forward(self, q, k, v, causal: bool, attn_mask=None, dropout_p: float = 0.0):
+        if not torch.is_grad_enabled():
+            return self.core(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p)
+        # kept: q, k, v (views of c_attn's output, which the none policy keeps too) and the fused
+        # kernel's output if there is one; recomputed in backward: everything else in the core
+        return checkpoint(self.core, q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p,
+                          use_reentrant=False, context_fn=selective_context)  # (B, nh, T, hs)
 
 
 def apply_policy(model: nn.Module, policy: str, k: int | None = None) -> nn.Module:
@@ -122,15 +149,22 @@ def apply_policy(model: nn.Module, policy: str, k: int | None = None) -> nn.Modu
     if others:
         raise ValueError(f"apply_policy: model.blocks must hold course.model.Block modules, found {others}")
     segments = segments_for(policy, len(blocks), k)
-    model.blocks = RecomputedBlocks(list(blocks.children()), segments, policy == "selective",
+    remove_policy(model)  # a new policy replaces the old one
+    model.blocks = RecomputedBlocks(list(model.blocks.children()), segments, policy == "selective",
                                     policy if policy != "every-k" else f"every-{k}")
+    if policy == "core-attention":
+        for block in model.blocks.children():
+            block.attn.core = RecomputedCore(block.attn.core)
     return model
 
 
 def remove_policy(model: nn.Module) -> nn.Module:
-    """Back to a plain nn.ModuleList of the same Blocks."""
+    """Back to a plain nn.ModuleList of the same Blocks, with their own attention cores."""
     if isinstance(getattr(model, "blocks", None), RecomputedBlocks):
         model.blocks = nn.ModuleList(list(model.blocks.children()))
+        for block in model.blocks:
+            if isinstance(block.attn.core, RecomputedCore):
+                block.attn.core = block.attn.core.core
     return model
 
 
@@ -156,9 +190,9 @@ def measure_policies(make_model, batch, policies=("none", "full", "every-k:2", "
     """Memory (LiveTensors) and step time of each policy on the same model and batch.
 
     make_model() builds a fresh model (same seed each call). Policies are "name" or "every-k:K".
-    Timing rounds are interleaved across policies and the minimum is kept, so a busy machine slows
-    every policy alike instead of whichever ran during a burst. threads: torch.set_num_threads while
-    timing (1 makes CPU ratios steadier on a shared machine; intra-op threads wait for each other).
+    Timing rounds are interleaved across policies and the minimum is kept (other work on the machine
+    only ever adds time), so a busy machine slows every policy alike instead of whichever ran during a
+    burst. threads: torch.set_num_threads while timing (1 makes CPU ratios steadier on a shared machine).
     """
     from course.memory import measure_step  # local: course.memory imports nothing from here
 
@@ -201,3 +235,24 @@ def _one_step(model: nn.Module, batch) -> float:
     dt = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     return dt
+
+
+def core_recompute_costs(batch: int, n_head: int, seq_len: int, head_size: int, dropout: float = 0.1,
+                         device=None, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per call of each op that recomputing a written-out attention core repeats, on
+    tensors of one block's shape (scores and probabilities are (B, nh, T, T)). Best of `repeats`.
+    On CPU, dropout's mask (bernoulli_, a scalar random-number loop) costs several softmaxes; on a
+    GPU it is generated inside the kernel and costs about as much as any pointwise op."""
+    from course.attention.measure import time_it
+
+    if not 0.0 < dropout < 1.0:
+        raise ValueError(f"dropout must be in (0, 1), got {dropout!r}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    q, k = (torch.randn(batch, n_head, seq_len, head_size, device=dev) for _ in range(2))
+    scores = q @ k.transpose(-2, -1)  # (B, nh, T, T)
+    probs = scores.softmax(-1)
+    ops = {"QK^T (bmm)": lambda: q @ k.transpose(-2, -1),
+           "softmax": lambda: scores.softmax(-1),
+           "dropout (mask + scale)": lambda: torch.nn.functional.dropout(probs, dropout, True),
+           "attention over V (bmm)": lambda: probs @ q}
+    return {name: time_it(fn, repeats=repeats, device=dev) * 1e3 for name, fn in ops.items()}

@@ -421,7 +421,17 @@ def selective_layer_bytes(s: int, b: int, h: int, a: int, *, bytes_per_el: int =
     return 10 * x + ((x + a * s * b * 4) if fused else 0)
 
 
-RECOMPUTE = ("none", "full", "every-k", "sqrt", "selective")
+def core_attention_layer_bytes(s: int, b: int, h: int, a: int, *, bytes_per_el: int = 4, core: str = "sdpa",
+                               dropout: bool = False, device: str = "cpu") -> int:
+    """Bytes one Block keeps under the core-attention policy: everything but the attention core, which
+    keeps only q, k, v (views of c_attn's output, 3sbh). Fused attention keeps no s*s tensor: unchanged."""
+    parts = layer_activation_bytes(s, b, h, a, bytes_per_el=bytes_per_el, core=core, dropout=dropout, device=device)
+    if core == "sdpa" and not (dropout and device == "cpu"):
+        return sum(parts.values())
+    return sum(parts.values()) - parts["attention core"] + 3 * s * b * h * bytes_per_el
+
+
+RECOMPUTE = ("none", "full", "every-k", "sqrt", "selective", "core-attention")
 
 
 def plan(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int, policy: str = "none",
@@ -433,8 +443,8 @@ def plan(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int, polic
     forward pass and at the backward peak (what earlier segments keep + the segment in backward), and the extra
     compute as a fraction of a step (forward 24bsh² + 4bs²h per layer; a step is 3 forwards).
     full = every layer's forward again; every-k = 1/k of them; sqrt = all layers once (segments of
-    ceil(sqrt L)); selective = the attention core when it is written out (4bs²h per layer), else only
-    cheap pointwise ops (counted as 0).
+    ceil(sqrt L)); selective and core-attention = the attention core when it is written out (4bs²h per
+    layer), else nothing (selective's pointwise ops are counted as 0).
     """
     if policy not in RECOMPUTE:
         raise ValueError(f"policy must be one of {RECOMPUTE}, got {policy!r}")
@@ -452,18 +462,19 @@ def plan(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int, polic
     # what they kept, and j holds its full activations (recomputed if it was checkpointed)
     from course.checkpointing import segments_for  # local: checkpointing imports this module lazily
 
-    sel = selective_layer_bytes(s, b, h, a, **kw)
+    sel = {"selective": selective_layer_bytes(s, b, h, a, **kw),
+           "core-attention": core_attention_layer_bytes(s, b, h, a, **kw)}.get(policy)
     kept_parts, live_parts = [], []
     for start, stop, ckpt in segments_for(policy, L, k if policy == "every-k" else None):
         n = stop - start
-        kept_parts.append(n * sel if policy == "selective" else (x if ckpt else n * layer))
+        kept_parts.append(n * sel if sel is not None else (x if ckpt else n * layer))
         live_parts.append(n * layer)
     kept = sum(kept_parts)
     peak = max([kept] + [sum(kept_parts[:j]) + live_parts[j] for j in range(len(kept_parts))])
-    n_ckpt = {"none": 0, "full": L, "every-k": math.ceil(L / (k or 1)), "sqrt": L, "selective": L}[policy]
+    n_ckpt = {"none": 0, "full": L, "every-k": math.ceil(L / (k or 1)), "sqrt": L}.get(policy, L)
     fwd_layer = 24 * b * s * h * h + 4 * b * s * s * h
     fused = core == "sdpa" and not (dropout and device == "cpu")
-    if policy == "selective":
+    if sel is not None:
         extra = 0.0 if fused else L * 4 * b * s * s * h / (3 * L * fwd_layer)
     else:
         extra = n_ckpt * fwd_layer / (3 * L * fwd_layer)

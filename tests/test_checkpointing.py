@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from course.checkpointing import POLICIES, RecomputedBlocks, apply_policy, policy_of, remove_policy, segments_for
+from course.checkpointing import (POLICIES, RecomputedBlocks, RecomputedCore, apply_policy, policy_of, remove_policy,
+                                  segments_for)
 from course.memory import measure_step
 from course.model import MatmulAttention, ModelConfig, Transformer, set_attention
 
-SPECS = [("full", None), ("every-k", 2), ("every-k", 3), ("sqrt", None), ("selective", None)]
+SPECS = [("full", None), ("every-k", 2), ("every-k", 3), ("sqrt", None), ("selective", None), ("core-attention", None)]
 
 
 def make(core="sdpa", dropout=0.1, n_layer=4):
@@ -53,11 +54,27 @@ def test_state_dict_unchanged_and_policy_removable():
     assert list(ckpt.state_dict()) == keys
 
 
+def test_core_attention_wraps_only_the_cores():
+    plain = make("matmul")
+    keys = list(plain.state_dict())
+    m = apply_policy(make("matmul"), "core-attention")
+    assert all(isinstance(b.attn.core, RecomputedCore) for b in m.blocks.children())
+    assert all(isinstance(b.attn.core.core, MatmulAttention) for b in m.blocks.children())
+    assert list(m.state_dict()) == keys and "attention cores recomputed" in repr(m.blocks)
+    apply_policy(m, "core-attention")  # a second policy replaces the first: no double wrapping
+    assert all(isinstance(b.attn.core.core, MatmulAttention) for b in m.blocks.children())
+    apply_policy(m, "full")
+    assert all(isinstance(b.attn.core, MatmulAttention) for b in m.blocks.children()) and policy_of(m) == "full"
+    remove_policy(m)
+    assert type(m.blocks) is nn.ModuleList and all(isinstance(b.attn.core, MatmulAttention) for b in m.blocks.children())
+
+
 def test_eval_and_generate_run_without_recomputation():
-    m = apply_policy(make(dropout=0.0), "selective").eval()
     ref = make(dropout=0.0).eval()
     idx = torch.zeros(1, 3, dtype=torch.long)
-    assert torch.equal(m.generate(idx, 4, temperature=0), ref.generate(idx, 4, temperature=0))
+    for policy in ("selective", "core-attention"):
+        m = apply_policy(make(dropout=0.0), policy).eval()
+        assert torch.equal(m.generate(idx, 4, temperature=0), ref.generate(idx, 4, temperature=0))
 
 
 def test_segments():
@@ -72,10 +89,11 @@ def test_memory_ordering_of_policies():
     """Measured activations kept after forward (written-out attention, so selective drops the s*s terms)."""
     x = torch.randint(0, 64, (4, 16))
     acts = {}
-    for policy, k in [("none", None), ("every-k", 2), ("full", None), ("selective", None)]:
+    for policy, k in [("none", None), ("every-k", 2), ("full", None), ("selective", None), ("core-attention", None)]:
         acts[policy] = measure_step(apply_policy(make("matmul", n_layer=4), policy, k), (x, x)).activations
     assert acts["full"] < acts["every-k"] < acts["none"]
-    assert acts["full"] < acts["selective"] < 0.7 * acts["none"]  # attention core dropped
+    assert acts["full"] < acts["selective"] < 0.7 * acts["none"]  # attention core and pointwise outputs dropped
+    assert acts["selective"] < acts["core-attention"] < acts["none"]  # only the attention core dropped
 
 
 @pytest.mark.parametrize("policy,k,match", [

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from course.checkpointing import apply_policy
-from course.memory import (LiveTensors, head_activation_bytes, korthikanti_flops, korthikanti_layer_bytes,
+from course.memory import (LiveTensors, core_attention_layer_bytes, head_activation_bytes, korthikanti_flops,
+                           korthikanti_layer_bytes,
                            layer_activation_bytes, measure_step, model_state_bytes, plan, saved_tensors,
                            selective_layer_bytes)
 from course.model import MatmulAttention, ModelConfig, Transformer, set_attention
@@ -111,6 +112,20 @@ def test_selective_analytic_matches_measurement():
     assert abs((none - sel) - expect) <= 0.02 * expect
 
 
+@pytest.mark.parametrize("core,dropout", [("matmul", 0.0), ("matmul", 0.1), ("sdpa", 0.0)])
+def test_core_attention_analytic_matches_measurement(core, dropout):
+    """Korthikanti's selective recomputation drops exactly the attention core's s*s tensors (none when fused)."""
+    B, T, C, H = 2, 24, 40, 4
+    x = torch.randint(0, V, (B, T))
+    none = measure_step(make(core, dropout), (x, x)).activations
+    kept = measure_step(apply_policy(make(core, dropout), "core-attention"), (x, x)).activations
+    kw = dict(core=core, dropout=dropout > 0)
+    expect = 2 * (sum(layer_activation_bytes(T, B, C, H, **kw).values()) - core_attention_layer_bytes(T, B, C, H, **kw))
+    assert abs((none - kept) - expect) <= 0.02 * max(expect, 1)
+    if core == "matmul":  # the dropped bytes are the s*s terms: scores/softmax (+ dropout mask and output)
+        assert expect == 2 * (H * T * T * B * 4 * (3 if dropout else 1) + T * T)  # 2 layers
+
+
 def test_korthikanti_formulas_reproduce_published_gpt3_figures():
     s, b, h, a, L, vocab = 2048, 1, 12288, 96, 96, 51200
     full = korthikanti_layer_bytes(s, b, h, a, "none")
@@ -130,7 +145,7 @@ def test_model_state_and_planner():
     assert sum(model_state_bytes(1000, "mixed").values()) == 16000
     assert sum(model_state_bytes(1000, "fp32").values()) == 16000
     p = {pol: plan(96, 12288, 96, 2048, 1, pol, k=4 if pol == "every-k" else None)
-         for pol in ("none", "full", "every-k", "sqrt", "selective")}
+         for pol in ("none", "full", "every-k", "sqrt", "selective", "core-attention")}
     assert p["none"]["params"] == pytest.approx(174.6e9, rel=0.01)  # GPT-3 175B
     assert p["none"]["weights"] + p["none"]["gradients"] + p["none"]["optimizer state"] == pytest.approx(
         16 * p["none"]["params"] / 2**30)

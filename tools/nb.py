@@ -9,7 +9,7 @@ import sys
 import time
 
 import nbformat
-from nbconvert.preprocessors import ExecutePreprocessor
+from nbclient import NotebookClient
 
 
 def build(src: str, dst: str) -> None:
@@ -39,9 +39,16 @@ def build(src: str, dst: str) -> None:
 
 
 def run(path: str, timeout: int = 1200) -> None:
+    """Execute cell by cell (printing each code cell's seconds), then save with outputs."""
     nb = nbformat.read(path, as_version=4)
     start = time.time()
-    ExecutePreprocessor(timeout=timeout, kernel_name="python3").preprocess(nb, {"metadata": {"path": "notebooks"}})
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": "notebooks"}})
+    with client.setup_kernel():
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type == "code":
+                t = time.time()
+                client.execute_cell(cell, i)
+                print(f"  cell {i:3d}: {time.time() - t:6.1f} s", flush=True)
     nbformat.write(nb, path)
     print(f"{path}: executed in {time.time() - start:.0f} s")
 
