@@ -116,3 +116,30 @@ def test_model_without_blocks():
     with pytest.raises(ValueError, match=r"must hold course.model.Block modules, found \['Linear'\]"):
         apply_policy(wrong, "full")
     assert "selective" in POLICIES
+
+
+def test_policies_keep_gradients_exact_with_a_block_sparse_core():
+    """The attention core is pluggable: recomputing a custom autograd core (chapter 03's block-sparse
+    kernel) with dropout also replays exactly."""
+    from course.attention import patterns
+    from course.attention.lesson import sparse_gpt
+
+    cfg = ModelConfig.gpt(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64, dropout=0.1)
+
+    def make_sparse():
+        torch.manual_seed(0)
+        return sparse_gpt(cfg, lambda i: patterns.bigbird(64, 16, window_blocks=1, n_global_blocks=1,
+                                                          n_random_blocks=1))
+
+    x = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(2))
+
+    def run(model):
+        torch.manual_seed(1)
+        _, loss = model(x, x)
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    ref_loss, ref = run(make_sparse())
+    for policy in ("core-attention", "selective", "full"):
+        loss, got = run(apply_policy(make_sparse(), policy))
+        assert torch.equal(loss, ref_loss) and all(torch.equal(a, b) for a, b in zip(got, ref)), policy
