@@ -1,6 +1,6 @@
 """Activation checkpointing: memory and step time of each recomputation policy, in one run.
 
-    python benchmarks/checkpointing.py           # CPU: the default CPU model, 16 layers deep (about 2-4 min)
+    python benchmarks/checkpointing.py           # CPU: the default CPU model, 16 layers deep (about 5 min)
     python benchmarks/checkpointing.py --gpu     # the 'gpu' profile sizes, 16 layers, on CUDA
 
 Two settings on the same sizes:
@@ -23,6 +23,8 @@ Activation memory = bytes alive at the end of forward (kept for backward), measu
 course.memory.LiveTensors; peak activations = what is alive at the step's peak besides weights and
 gradients; layer-units divide by the analytic bytes of one layer without recomputation. Step time =
 forward + backward, minimum over interleaved rounds, relative to "none" measured in the same process.
+Each setting also times "none#control", an identical second model: its ratio (ideally 1.00) shows how
+far apart two measurements of the same work land on this machine.
 The last line printed is one JSON object.
 """
 import argparse
@@ -45,7 +47,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true", help="use the 'gpu' profile sizes on CUDA")
     ap.add_argument("--n-layer", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads while timing (CPU)")
     args = ap.parse_args()
     if args.threads:
@@ -69,8 +71,10 @@ def main():
         # GPT-3-like ratios (see the module docstring); GPU: s/h = 1/2, 5as/h = 80
         "gpt3_ratio": (4, 32, 2048, 1024, 4, ("paper",)) if args.gpu else (2, 16, 1024, 512, 1, ("paper",)),
     }
-    settings = {"fused": ("sdpa", 0.0, ("none", "full", "every-k:2", "sqrt", "selective", "core-attention")),
-                "paper": ("matmul", 0.1, ("none", "selective", "core-attention"))}
+    # "none#control": a second, identical model; its time ratio is the timing noise of this machine
+    settings = {"fused": ("sdpa", 0.0, ("none", "full", "every-k:2", "sqrt", "selective", "core-attention",
+                                        "none#control")),
+                "paper": ("matmul", 0.1, ("none", "selective", "core-attention", "none#control"))}
     measured, layer = {}, {}
     for shape, (nl, nh, ne, sl, bs, names) in shapes.items():
         g = torch.Generator().manual_seed(0)
@@ -133,7 +137,9 @@ def main():
                              "s_over_h": sl2 / ne2, "5as_over_h": 5 * nh2 * sl2 / ne2,
                              "selective_overhead_predicted_by_paper_formula": predicted(*shapes["gpt3_ratio"])},
               "analytic_layer_bytes": layer, "settings": {"fused": "SDPA, dropout 0", "paper": "MatmulAttention, dropout 0.1"}}
+    noise = {key: rows["none#control"]["time_ratio"] for key, rows in measured.items()}
     print(json.dumps({"machine": machine_info(), "config": config, "measured": measured,
+                      "timing_control_ratio (identical model, ideally 1.0)": noise,
                       "core_recompute_ms_per_op": {"shape (B, nh, T, T)": [B, H, T, T], **{
                           name: round(ms, 3) for name, ms in core_recompute_costs(B, H, T, C // H, device=dev).items()}},
                       "targets": targets}))

@@ -189,7 +189,9 @@ def measure_policies(make_model, batch, policies=("none", "full", "every-k:2", "
                      rounds: int = 3, progress: bool = False, threads: int | None = None) -> list[PolicyResult]:
     """Memory (LiveTensors) and step time of each policy on the same model and batch.
 
-    make_model() builds a fresh model (same seed each call). Policies are "name" or "every-k:K".
+    make_model() builds a fresh model (same seed each call). Policies are "name" or "every-k:K"; a
+    "#label" suffix measures a policy again under another name: "none#control" is a second, identical
+    model, and its time_ratio shows how much two runs of the same work differ on this machine.
     Timing rounds are interleaved across policies and the minimum is kept (other work on the machine
     only ever adds time), so a busy machine slows every policy alike instead of whichever ran during a
     burst. threads: torch.set_num_threads while timing (1 makes CPU ratios steadier on a shared machine).
@@ -198,7 +200,7 @@ def measure_policies(make_model, batch, policies=("none", "full", "every-k:2", "
 
     models, mem = {}, {}
     for spec in policies:
-        name, _, k = spec.partition(":")
+        name, _, k = spec.split("#")[0].partition(":")
         model = apply_policy(make_model(), name, int(k) if k else None)
         mem[spec] = measure_step(model, batch)
         models[spec] = model

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from course.checkpointing import (POLICIES, RecomputedBlocks, RecomputedCore, apply_policy, policy_of, remove_policy,
-                                  segments_for)
+from course.checkpointing import (POLICIES, RecomputedBlocks, RecomputedCore, apply_policy, measure_policies,
+                                  policy_of, remove_policy, segments_for)
 from course.memory import measure_step
 from course.model import MatmulAttention, ModelConfig, Transformer, set_attention
 
@@ -143,3 +143,11 @@ def test_policies_keep_gradients_exact_with_a_block_sparse_core():
     for policy in ("core-attention", "selective", "full"):
         loss, got = run(apply_policy(make_sparse(), policy))
         assert torch.equal(loss, ref_loss) and all(torch.equal(a, b) for a, b in zip(got, ref)), policy
+
+
+def test_measure_policies_with_a_control():
+    x = torch.randint(0, 64, (2, 16))
+    res = measure_policies(lambda: make(dropout=0.0, n_layer=2), (x, x), ("none", "full", "none#control"), rounds=1)
+    assert [r.policy for r in res] == ["none", "full", "none#control"]
+    assert res[2].activations == res[0].activations and res[1].activations < res[0].activations
+    assert res[0].time_ratio == 1.0 and res[2].time_ratio > 0
