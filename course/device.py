@@ -4,8 +4,8 @@ Notebooks call `profile()` once and read every size from it, so the same lesson 
 couple of minutes on a laptop CPU and scales up on a GPU without editing a cell.
 Override with the environment: COURSE_DEVICE=cpu|cuda|mps, COURSE_PROFILE=cpu|gpu.
 
-MFU needs the accelerator's peak: PEAK_FLOPS lists dense (no sparsity) bf16 tensor-core peaks
-from the vendor data sheets; CPU peaks are unknown, so MFU is reported as None there.
+MFU needs the accelerator's peak: `course.costs.PEAK_FLOPS` lists dense (no sparsity) bf16
+tensor-core peaks from the vendor data sheets; CPU peaks are unknown, so MFU is None there.
 """
 from __future__ import annotations
 
@@ -15,14 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Dense bf16 peak FLOP/s (no 2:4 sparsity), NVIDIA data sheets (SXM parts).
-PEAK_FLOPS = {
-    "A100": 312e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "B200": 2250e12,
-}
-
+from .costs import PEAK_FLOPS
 
 def pick_device(prefer: str | None = None) -> torch.device:
     """cuda if present, else mps, else cpu; `prefer` or $COURSE_DEVICE overrides."""

@@ -7,10 +7,14 @@ differs only in the attention mask (none) and an MLM head transform (dense, GELU
 before the tied decoder; `ModelConfig.bert()` switches both.
 
 The model knows nothing about sparsity, recomputation or parallelism. Later chapters plug in
-from the outside:
-- attention: every block's `attn.core` is a module `core(q, k, v, causal, attn_mask, dropout_p)`;
-  swap it with `set_attention(model, make_core)` (sparse attention, recording weights);
-- recomputation / parallel wrappers: replace entries of `model.blocks`, each `block(x, attn_mask)`.
+from the outside (`course.parallelize` applies them in one documented order):
+- parts of the same shape: every block's `attn.core` is a module `core(q, k, v, causal, attn_mask,
+  dropout_p)` (swap it with `set_attention(model, make_core)`: sparse attention, recording weights);
+  the linear layers can be replaced by parallel ones with the same call; `blocks[i](x, attn_mask)`
+  stays a block (hooks may be added to it, as FSDP does);
+- one seam for running the blocks: `model.runner(blocks, x, attn_mask)`, by default `run_blocks`
+  (every block in order). Recomputation installs a runner that runs segments of several blocks
+  under one checkpoint (sqrt(n), every-k) without changing `model.blocks`.
 
 Masks: `attn_mask` is boolean, True where a query may attend a key, broadcastable to
 (B, n_head, T, T). With a causal model it is combined (AND) with the causal triangle.
@@ -24,6 +28,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .costs import flops_per_token
 
 
 @dataclass
@@ -68,12 +74,61 @@ class ModelConfig:
         return ModelConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **kw})
 
 
+def causal_mask(T: int, S: int | None = None, device=None) -> torch.Tensor:
+    """(T, S) bool, True where query i may attend key j: j <= i (+ S - T when keys are longer).
+    The one place the course builds the causal triangle."""
+    S = T if S is None else S
+    for name, v in (("T", T), ("S", S)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
 def _combine_masks(T: int, S: int, causal: bool, attn_mask: torch.Tensor | None, device) -> torch.Tensor | None:
     """One boolean mask (True = attend) from the causal flag and an optional user mask."""
     if not causal:
         return attn_mask
-    tri = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)  # (T, S)
+    tri = causal_mask(T, S, device)  # (T, S)
     return tri if attn_mask is None else attn_mask & tri
+
+
+def run_blocks(blocks, x, attn_mask=None):
+    """The default runner: every block in order. x (B, T, C) -> (B, T, C)."""
+    for block in blocks:
+        x = block(x, attn_mask)
+    return x
+
+
+def check_tokens(idx, vocab_size: int, name: str = "idx") -> None:
+    """ValueError/TypeError unless idx is a (B, T) integer tensor of ids in [0, vocab_size).
+    The range is checked for CPU tensors (on a GPU it would cost a sync per step; CUDA's
+    embedding then stops with a device-side assert instead of a silent wrong result)."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {idx.dtype}")
+    if idx.dim() != 2:
+        raise ValueError(f"{name} must be (batch, seq_len), got shape {tuple(idx.shape)}; "
+                         f"add a batch dimension with {name}[None] for one sequence")
+    if idx.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(idx.shape)}): need at least one token")
+    if idx.device.type == "cpu":
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside [0, vocab_size={vocab_size})")
+
+
+def _check_mask(mask, B: int, H: int, T: int) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"attn_mask must be a bool tensor (True = may attend), got "
+                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    try:
+        torch.broadcast_shapes(mask.shape, (B, H, T, T))
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, T, T) = "
+                         f"{(B, H, T, T)}") from None
+    if mask.dim() > 4:
+        raise ValueError(f"attn_mask must have at most 4 dims (batch, heads, T, T), got {tuple(mask.shape)}")
 
 
 class SDPAttention(nn.Module):
@@ -174,6 +229,7 @@ class Transformer(nn.Module):
                                if config.mlm_head else nn.Identity())
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
+        self.runner = run_blocks  # the seam for running the blocks (a plain callable, not a module)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual projections: GPT-2's 1/sqrt(2L) scaling
@@ -190,13 +246,15 @@ class Transformer(nn.Module):
 
     def hidden_states(self, idx, attn_mask=None):
         """Final-layer features after ln_f: (B, T, C). Used for linear probes."""
+        check_tokens(idx, self.config.vocab_size)
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds ModelConfig.block_size={self.config.block_size}")
+        if attn_mask is not None:
+            _check_mask(attn_mask, B, self.config.n_head, T)
         pos = torch.arange(T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, attn_mask)
+        x = self.runner(self.blocks, x, attn_mask)  # (B, T, C)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, attn_mask=None):
@@ -204,6 +262,9 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.head_transform(self.hidden_states(idx, attn_mask)))  # (B, T, V)
         loss = None
         if targets is not None:
+            if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
+                raise ValueError(f"targets must be a tensor of the same shape as idx {tuple(idx.shape)}, got "
+                                 f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
@@ -214,9 +275,8 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6N for the weights + 12·L·C·T for attention (PaLM appendix B)."""
-        T = seq_len or self.config.block_size
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+        return flops_per_token(self.num_params(), c.n_layer, c.n_embd, seq_len or c.block_size)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -226,8 +286,13 @@ class Transformer(nn.Module):
             raise ValueError("generate() needs a causal model (ModelConfig.causal=True)")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        check_tokens(idx, self.config.vocab_size)
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)

@@ -12,7 +12,8 @@ Prefix LM (UniLM, Dong et al. 2019; T5, Raffel et al. 2020, section 3.2): bidire
 
 Evaluation helpers measure each model where it should win and where it should lose:
 perplexity (next token, left context only), cloze accuracy (a blank with context on both sides),
-generation (append-and-predict), and a linear probe on frozen features.
+generation (append-and-predict), and a linear probe on frozen features. Lesson 02's cloze items and
+word statistics live in `course.lessons.bert_vs_gpt`.
 
 Bidirectional models read [CLS] x [SEP] (as make_batch_fn('bert') trains them); the helpers add
 the special tokens themselves, so every helper takes the same plain windows x for both models.
@@ -22,7 +23,6 @@ mask_id and special_ids (course.data's tokenizers, or a types.SimpleNamespace in
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
@@ -270,45 +270,6 @@ def cloze_accuracy(model, x, pos, candidates, answer, method: str, tok=None) -> 
     return (scores.argmax(1) == answer).float().mean().item()
 
 
-def make_word_start_cloze(ids: torch.Tensor, tok, n: int, length: int, n_candidates: int = 4,
-                          generator: torch.Generator | None = None):
-    """Cloze items whose answer needs the right-hand context: the first letter of a word.
-
-    Windows of `length` tokens from `ids` (1-D) with the blank in the middle, placed on a lowercase
-    letter that follows a space and is followed by at least two more letters ("the ?ython ...").
-    The left context says only "a word starts here"; the rest of the word says which one.
-    Candidates: the answer plus n_candidates-1 other lowercase letters drawn in proportion to how often
-    each letter starts a word, so the prior alone does not give the answer away; answer at a random slot.
-    Returns dict(x (n, length), pos (n,), candidates (n, K), answer (n,)). Needs a character tokenizer."""
-    if n <= 0 or length < 4 or n_candidates < 2:
-        raise ValueError(f"need n > 0, length >= 4, n_candidates >= 2; got {n}, {length}, {n_candidates}")
-    letters = [tok.encode(c)[0] for c in "abcdefghijklmnopqrstuvwxyz"]
-    if len(set(letters)) != 26 or any(len(tok.encode(c)) != 1 for c in "a "):
-        raise ValueError("make_word_start_cloze needs a character tokenizer with all 26 lowercase letters")
-    is_letter = torch.isin(ids, torch.tensor(letters))
-    space = tok.encode(" ")[0]
-    half = length // 2
-    w = torch.arange(max(half, 1), len(ids) - length + half + 1)  # blank positions whose window fits
-    w = w[w + 2 < len(ids)]
-    where = w[(ids[w - 1] == space) & is_letter[w] & is_letter[w + 1] & is_letter[w + 2]]
-    if len(where) < n:
-        raise ValueError(f"only {len(where)} word starts available, asked for n={n}")
-    letters_t = torch.tensor(letters)
-    freq = (ids[where][:, None] == letters_t[None, :]).sum(0).double()  # (26,) word-initial letter counts
-    where = where[torch.randperm(len(where), generator=generator)[:n]]
-    x = torch.stack([ids[w - half:w - half + length] for w in where])  # (n, length)
-    pos = torch.full((n,), half)
-    cands, answer = [], []
-    for i in range(n):
-        true = x[i, half]
-        p = (freq + 1) * (letters_t != true)  # distractors as frequent as real word starts, never the answer
-        pick = letters_t[torch.multinomial(p, n_candidates - 1, replacement=False, generator=generator)]
-        slot = int(torch.randint(n_candidates, (1,), generator=generator))
-        cands.append(torch.cat([pick[:slot], true[None], pick[slot:]]))
-        answer.append(slot)
-    return dict(x=x, pos=pos, candidates=torch.stack(cands), answer=torch.tensor(answer))
-
-
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, tok=None, temperature: float = 0.0,
              top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -338,25 +299,6 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, tok=None, temperatur
             nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
         idx = torch.cat([idx, nxt], 1)
     return idx
-
-
-_WORD = re.compile(r"[A-Za-z]{2,}")
-
-
-def real_word_rate(text: str, vocabulary: set[str]) -> float:
-    """Share of the alphabetic words (2+ letters) in `text` that occur in `vocabulary`
-    (e.g. the words of the training text): a crude, cheap generation-quality score."""
-    words = _WORD.findall(text)
-    if not words:
-        return 0.0
-    return sum(w.lower() in vocabulary for w in words) / len(words)
-
-
-def vocabulary(text: str) -> set[str]:
-    """Lower-cased alphabetic words (2+ letters) of a text."""
-    if not text:
-        raise ValueError("vocabulary: text is empty; pass the (non-empty) training corpus")
-    return {w.lower() for w in _WORD.findall(text)}
 
 
 # ----------------------------------------------------------------------------- linear probe

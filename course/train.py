@@ -1,11 +1,26 @@
-"""A plain training loop: AdamW, linear warmup + cosine decay, clipping, accumulation, eval.
-
-Everything a lesson needs to see is measured here and kept in a `History`: train and
-validation loss, learning rate, tokens/s and model FLOPs utilisation (MFU, PaLM appendix B:
-achieved model FLOP/s over the device's peak; reported only for GPUs in `course.device.PEAK_FLOPS`).
+"""The one training loop: AdamW, linear warmup + cosine decay, clipping, accumulation, eval.
 
     hist = train(model, lambda split: data.batch(split, 16, 128), TrainConfig(max_steps=300))
     hist.plot()
+
+It trains one process and every parallel layout alike, because parallel techniques are applied to
+the model before the loop (`course.parallelize`), in PyTorch's style: a wrapped or sharded model
+averages its gradients by the end of `loss.backward()` and offers `no_sync()` for accumulation (as
+DistributedDataParallel and FSDP do), and builds its optimizer over whatever `model.parameters()`
+are (ZeRO's shards included). The loop only asks the model for three optional things:
+`no_sync()` (or FSDP2's `set_requires_gradient_sync`), `clip_grad_norm_(max_norm)` (sharded models
+sum their shards' squares across ranks) and, for the metrics, `flops_per_token` (looked up through
+wrappers' `.module`). Pass `comm` (a course.parallel.comm.Comm over the data-parallel ranks) to log
+the loss averaged over them.
+
+Everything a lesson needs to see is measured here and kept in a `History`: train and validation
+loss, learning rate, gradient norm, tokens/s and model FLOPs utilisation (MFU, PaLM appendix B:
+achieved model FLOP/s over the device's peak; only for GPUs in `course.costs.PEAK_FLOPS`).
+A non-finite loss or gradient norm stops training with the step where it happened
+(`TrainConfig.on_nonfinite="raise"`), or skips that update ("skip", counted in History.skipped).
+`hooks`: functions called as hook(event, state) with event "after_backward" (gradients averaged,
+before clipping and the update) and "after_step"; state is a `StepState`. They let a user measure or
+log something without editing the loop.
 """
 from __future__ import annotations
 
@@ -16,11 +31,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+import torch.distributed as dist
 
 from .device import peak_flops
+from .progress import progress_bar
 
 Batch = tuple  # (x, y) or (x, y, attn_mask)
+NONFINITE = ("raise", "skip")
 
 
 @dataclass
@@ -40,20 +57,45 @@ class TrainConfig:
     seed: int = 0
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on a GPU; None = full precision
     progress: bool = True
+    on_nonfinite: str = "raise"  # what a NaN/inf loss or gradient norm does: "raise" or "skip" the update
+    no_sync: bool = True  # accumulate locally under the model's no_sync(); False syncs every micro-batch
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+            _check_int(name, getattr(self, name), 1)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("seed", self.seed, 0)
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) is longer than training "
+                             f"(max_steps={self.max_steps}); use warmup_steps <= max_steps")
+        _check_number("lr", self.lr, low=0.0, strict=True)
         if self.min_lr is None:
             self.min_lr = self.lr / 10
+        _check_number("min_lr", self.min_lr, low=0.0)
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must be <= lr ({self.lr}): the cosine decays to it")
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas)):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.grad_clip is not None:
+            _check_number("grad_clip", self.grad_clip, low=0.0, strict=True)
+        if self.autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"TrainConfig.autocast_dtype must be None, torch.bfloat16 or torch.float16, "
+                             f"got {self.autocast_dtype!r}")
+        if self.on_nonfinite not in NONFINITE:
+            raise ValueError(f"TrainConfig.on_nonfinite must be one of {NONFINITE}, got {self.on_nonfinite!r}")
+
+
+def _check_int(name, value, low):
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_number(name, value, low, strict=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (strict and value == low):
+        raise ValueError(f"TrainConfig.{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -65,12 +107,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, LayerNorm gains)."""
+    """AdamW over model.parameters() with weight decay on matrices only (not biases, LayerNorm gains).
+    Sharded models keep their parameters' dims (ZeRO and FSDP2 cut along dim 0), so the rule holds."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("make_optimizer: the model has no trainable parameters")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
 @dataclass(repr=False)
@@ -78,10 +123,12 @@ class History:
     steps: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
     val_steps: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
     mfu: list[float | None] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # steps whose update was skipped (non-finite)
     elapsed_s: float = 0.0
     label: str = ""
 
@@ -117,14 +164,42 @@ class History:
                 f"{self.median_tokens_per_s:,.0f} tokens/s, MFU {'n/a' if mfu is None else f'{mfu:.1%}'})")
 
 
+@dataclass
+class StepState:
+    """What a hook sees: the step, the model and optimizer, this step's loss and gradient norm, the History."""
+    step: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: float
+    grad_norm: float | None
+    lr: float
+    history: History
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP-style wrappers (`.module`)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _mean(value: float, comm, device) -> float:
+    """value averaged over comm's ranks (one tiny all-reduce, not counted as model traffic)."""
+    if comm is None or comm.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=comm.group)
+    return t.item() / comm.world
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batch_fn: Callable[[str], Batch], iters: int = 10,
-             split: str = "val", autocast_dtype: torch.dtype | None = None) -> float:
-    """Mean loss over `iters` batches of `split`, in eval mode (no dropout)."""
+             split: str = "val", autocast_dtype: torch.dtype | None = None, comm=None) -> float:
+    """Mean loss over `iters` batches of `split`, in eval mode (no dropout); averaged over comm's ranks."""
     was_training = model.training
     model.eval()
     losses = []
@@ -132,7 +207,7 @@ def evaluate(model: torch.nn.Module, batch_fn: Callable[[str], Batch], iters: in
         with _autocast(model, autocast_dtype):
             losses.append(model(*batch_fn(split))[1].item())
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return _mean(sum(losses) / len(losses), comm, _model_device(model))
 
 
 def _autocast(model, dtype):
@@ -141,47 +216,94 @@ def _autocast(model, dtype):
     return torch.autocast(device_type=_model_device(model).type, dtype=dtype)
 
 
-def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainConfig,
-          label: str = "") -> History:
+@contextlib.contextmanager
+def no_sync(model: torch.nn.Module):
+    """The model's no_sync() (DDP, course wrappers) or FSDP2's set_requires_gradient_sync(False)."""
+    if hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> float:
+    """Scale gradients so their global L2 norm is <= max_norm; returns the norm before clipping.
+    Sharded models (course ZeRO) provide their own; torch's handles plain and FSDP2 (DTensor) models."""
+    if hasattr(model, "clip_grad_norm_"):
+        norm = model.clip_grad_norm_(max_norm)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainConfig, label: str = "",
+          optimizer: torch.optim.Optimizer | None = None, comm=None, hooks=()) -> History:
     """Train in place; returns the History. batch_fn(split) -> (x, y) or (x, y, attn_mask)."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     torch.manual_seed(cfg.seed)
     device = _model_device(model)
-    opt = make_optimizer(model, cfg)
+    opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     hist = History(label=label)
     peak = peak_flops(device)
-    flops_per_token = getattr(model, "flops_per_token", None)
+    flops_per_token = getattr(unwrap(model), "flops_per_token", None)
     model.train()
-    bar = tqdm(range(cfg.max_steps), disable=not cfg.progress, desc=label or "train", unit="step")
+    bar = progress_bar(range(cfg.max_steps), desc=label or "train", enabled=cfg.progress, unit="step")
     start = time.perf_counter()
     for step in bar:
         if step % cfg.eval_interval == 0 or step == cfg.max_steps - 1:
             hist.val_steps.append(step)
-            hist.val_loss.append(evaluate(model, batch_fn, cfg.eval_iters, autocast_dtype=cfg.autocast_dtype))
+            hist.val_loss.append(evaluate(model, batch_fn, cfg.eval_iters, autocast_dtype=cfg.autocast_dtype,
+                                          comm=comm))
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
         tokens, loss_sum = 0, 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = batch_fn("train")
-            with _autocast(model, cfg.autocast_dtype):
-                loss = model(*batch)[1] / cfg.grad_accum
-            loss.backward()
+            last = micro == cfg.grad_accum - 1
+            with no_sync(model) if cfg.no_sync and not last else contextlib.nullcontext():
+                with _autocast(model, cfg.autocast_dtype):
+                    loss = model(*batch)[1] / cfg.grad_accum  # mean over micro-batches = mean over the batch
+                loss.backward()
             loss_sum += loss.detach()
             tokens += batch[0].numel()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = float(loss_sum)  # .item() is a CPU-GPU sync point: the step has finished here
+        loss_value = _mean(float(loss_sum), comm, device)  # .item() is a CPU-GPU sync point
+        state = StepState(step, model, opt, loss_value, None, lr, hist)
+        for hook in hooks:
+            hook("after_backward", state)
+        state.grad_norm = clip_grad_norm_(model, cfg.grad_clip if cfg.grad_clip is not None else math.inf)
+        if not (math.isfinite(loss_value) and math.isfinite(state.grad_norm)):
+            opt.zero_grad(set_to_none=True)
+            if cfg.on_nonfinite == "raise":
+                raise FloatingPointError(f"non-finite training loss {loss_value} or gradient norm {state.grad_norm} "
+                                         f"at step {step}{f' ({label})' if label else ''}: the update was not "
+                                         f"applied; lower lr, check the data, or set on_nonfinite='skip'")
+            hist.skipped.append(step)
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tps = tokens / dt
         mfu = (flops_per_token(batch[0].size(1)) * tps / peak) if (peak and flops_per_token) else None
         hist.steps.append(step)
         hist.train_loss.append(loss_value)
         hist.lr.append(lr)
+        hist.grad_norm.append(state.grad_norm)
         hist.tokens_per_s.append(tps)
         hist.mfu.append(mfu)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}")
+        for hook in hooks:
+            hook("after_step", state)
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+    bar.close()
     hist.elapsed_s = time.perf_counter() - start
     return hist

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from course import objectives as ob
+from course.lessons import bert_vs_gpt as bvg
 from course.model import ModelConfig, Transformer
 
 V = 40
@@ -246,7 +247,7 @@ def test_word_start_cloze_blanks_first_letters():
     tok = SimpleNamespace(encode=lambda s: [chars.index(c) + 5 for c in s],
                           decode=lambda t: "".join(chars[i - 5] for i in t))
     text = "the python language has simple words and many more words in the manual. " * 20
-    items = ob.make_word_start_cloze(torch.tensor(tok.encode(text)), tok, 30, 16, 4,
+    items = bvg.make_word_start_cloze(torch.tensor(tok.encode(text)), tok, 30, 16, 4,
                                      generator=torch.Generator().manual_seed(0))
     x, pos, cands, answer = items["x"], items["pos"], items["candidates"], items["answer"]
     assert x.shape == (30, 16) and cands.shape == (30, 4)
@@ -268,10 +269,10 @@ def test_generate_both_ways():
 
 
 def test_real_word_rate_and_vocabulary():
-    voc = ob.vocabulary("The return statement returns a value.")
-    assert ob.real_word_rate("return the value xq zzk", voc) == pytest.approx(3 / 5)
+    voc = bvg.vocabulary("The return statement returns a value.")
+    assert bvg.real_word_rate("return the value xq zzk", voc) == pytest.approx(3 / 5)
     with pytest.raises(ValueError, match="empty"):
-        ob.vocabulary("")
+        bvg.vocabulary("")
 
 
 def test_linear_probe_separates_separable_features_only():

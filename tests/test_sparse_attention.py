@@ -6,12 +6,12 @@ import warnings
 import pytest
 import torch
 
-from course.attention import (BlockSparseAttention, alternating_dense_banded, bigbird, block_sparse_attention,
+from course.sparse import (BlockSparseAttention, alternating_dense_banded, bigbird, block_sparse_attention,
                               causal, coverage_layout, dense, dilated, fixed, global_tokens, longformer,
                               make_pattern, random_blocks, sliding_window, strided, PATTERNS)
-from course.attention.cost import attention_cost
-from course.attention.flex import block_mask, flex_available, flex_forward
-from course.attention.measure import LiveMemory
+from course.sparse.cost import attention_cost
+from course.sparse.flex import block_mask, flex_available, flex_forward
+from course.measure import LiveTensors as LiveMemory
 from course.model import MatmulAttention, ModelConfig, Transformer, set_attention
 
 H = 3
@@ -64,7 +64,7 @@ def test_dense_rows_and_uneven_row_lengths_are_exact():
     # BigBird's global rows take the dense path; rows next to globals have fewer blocks (padding slots)
     T, bs = 256, 16
     p = bigbird(T, bs, 3, 2, 3, n_heads=2, seed=5)
-    from course.attention import plan
+    from course.sparse import plan
     pl = plan(p.layout, 2, False)
     assert pl["dense_blocks"] is not None and pl["masked"].numel() > 0
     q, k, v = (torch.randn(1, 2, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -203,7 +203,7 @@ def test_alternating_layers_and_explicit_mask_fallback():
     idx = torch.randint(0, 50, (2, 64))
     mask = torch.ones(64, 64, dtype=torch.bool)
     torch.testing.assert_close(model(idx, attn_mask=mask)[0], model(idx)[0])  # dense fallback = block path
-    from course.attention.block_sparse import sparse_attention_maps
+    from course.sparse.block_sparse import sparse_attention_maps
     maps = sparse_attention_maps(model, idx[:1])  # (L, B, H, T, T)
     assert maps.shape == (2, 1, 2, 64, 64)
     assert maps[1, 0, :, 30, :20].sum() == 0 and maps[1, 0, :, 30, 25:31].sum() > 0.99
@@ -259,7 +259,7 @@ def test_explore_reports_the_cost_the_widget_shows():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from course.attention.lesson import attention_distance, explore
+    from course.lessons.sparse import attention_distance, explore
     fig, cost = explore("bigbird", seq_len=512, block_size=32, window=3, n_global=1, n_random=2)
     want = attention_cost(make_pattern("bigbird", 512, 32, 3, 1, 2), 4, 64)
     assert cost.sparse_flops == want.sparse_flops and cost.density < 0.5

@@ -3,26 +3,34 @@
 Each rank computes the gradient of the mean loss over its B/N sequences; the average of the N
 gradients is the gradient of the mean loss over all B sequences, so after the same optimizer step
 every copy holds exactly what one process would hold after training on the full batch.
-The average is an all-reduce: 2(N-1)/N·Ψ elements sent per rank per step (see comm.py).
+The average is an all-reduce: 2(N-1)/N·Ψ elements sent per rank per step (`course.costs.ring_bytes`).
 
-Two implementations plus PyTorch's own, all with the same small interface (`Strategy`):
-- NaiveDP: after backward, all-reduce every gradient tensor, one after the other.
-- BucketedDP: what torch DDP does (Li et al. 2020, "PyTorch Distributed"): parameters are put in
-  buckets of `bucket_mb` in reverse order (the order backward produces their gradients); a hook
-  fires when a gradient is final, and the bucket's all-reduce starts the moment its last gradient
-  arrives, while backward keeps computing the earlier layers (overlap).
-- TorchDDP / TorchFSDP2: torch.nn.parallel.DistributedDataParallel and FSDP2's fully_shard, for
-  comparison; ZeRO-1/2/3 live in zero.py.
+`DataParallel(module)` honours the contract of torch.nn.parallel.DistributedDataParallel, so code
+written for DDP works with it: wrap, call `loss.backward()` yourself, step any optimizer over
+`model.parameters()`; gradients are averaged by the time backward returns; `no_sync()` skips the
+communication for gradient accumulation (M micro-batches cost one all-reduce, not M).
+- bucket_mb=None: naive. After backward, all-reduce each gradient in turn. Nothing overlaps.
+- bucket_mb=x: DDP's design (Li et al. 2020, "PyTorch Distributed", section 3.2). Parameters are put
+  in buckets of about x MB in reverse order (the order backward produces their gradients); a hook
+  fires when a gradient is final, and a bucket's all-reduce starts the moment it is full, while
+  backward keeps computing earlier layers (overlap). Buckets are launched strictly in index order,
+  so every rank issues the same collectives in the same order.
+The end of backward is found the way DDP finds it: the first gradient hook of a backward queues a
+callback on the autograd engine, which runs once the whole backward has finished.
 
-Gradient accumulation: inside `no_sync()` backward only accumulates local gradients; the one
-all-reduce happens on the last micro-batch, so M micro-batches cost one all-reduce, not M.
-
-Tied weights: model.parameters() yields each Parameter once (deduplicated by identity), so the tied
-wte/lm_head weight is all-reduced once; autograd sums both uses' gradients before its hook fires.
+What every rank starts from: the whole state of rank 0 (trainable and frozen parameters and every
+buffer) is broadcast at construction, as DDP does. Frozen parameters are never communicated again.
+Parameters that get no gradient in a backward (registered but unused in forward): with
+find_unused_parameters=False (DDP's default) that is an error naming them; with True they count as
+zero on that rank, a small all-reduce of "used" flags follows, and a parameter unused on every rank
+keeps grad None, exactly as one process would leave it (so the optimizer skips it, as torch DDP's
+find_unused_parameters=True does).
+Tied weights: model.parameters() yields each Parameter once, so the tied wte/lm_head weight is
+all-reduced once; autograd sums both uses' gradients before its hook fires.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -30,16 +38,11 @@ import torch.nn as nn
 from .comm import Comm
 
 
-def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Trainable parameters, each once even when shared (tied embeddings)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def broadcast_parameters(params, comm: Comm) -> None:
-    """Every rank starts from rank 0's weights (as DDP does at construction)."""
+def broadcast_state(module: nn.Module, comm: Comm) -> None:
+    """Every rank gets group rank 0's parameters (trainable or frozen) and buffers."""
     with torch.no_grad():
-        for p in params:
-            comm.broadcast(p.data, src=0, name="broadcast params")
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            comm.broadcast(t.data, src=0, name=f"broadcast {name}")
 
 
 def shard_batch(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -55,101 +58,9 @@ def shard_batch(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return t[rank * b:(rank + 1) * b]
 
 
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None:
-            continue
-        if hasattr(t, "to_local"):  # DTensor: what this rank holds
-            t = t.to_local()
-        s = t.untyped_storage()
-        if s.data_ptr() in seen or s.nbytes() == 0:
-            continue
-        seen.add(s.data_ptr())
-        total += s.nbytes()
-    return total
-
-
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """AdamW's exp_avg and exp_avg_sq (the per-element state; the scalar step counters are left out)."""
-    out = []
-    for p, state in optimizer.state.items():
-        out += [v for v in state.values() if torch.is_tensor(v) and v.numel() == p.numel() and v.dim() > 0]
-    return out
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t  # DTensor (FSDP2) -> whole tensor
-
-
-class Strategy:
-    """What the training loop needs: model(x, y) -> (logits, loss), backward(loss), optimizer_step(),
-    no_sync(), full_state_dict() and model_state_bytes() (params / grads / optimizer held by this rank)."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    comm: Comm
-
-    def backward(self, loss: torch.Tensor) -> None:
-        with self.comm.span("compute", "backward"):
-            loss.backward()
-
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def no_sync(self):
-        return nullcontext()
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
-
-    def param_tensors(self):
-        return list(self.model.parameters())
-
-    def grad_tensors(self):
-        return [p.grad for p in self.model.parameters()]
-
-    def grad_norm(self) -> float:
-        """L2 norm of the synchronized gradient (what grad clipping would use); call after backward."""
-        sq = sum(_full(p.grad).double().pow(2).sum() for p in self.model.parameters() if p.grad is not None)
-        return float(sq) ** 0.5
-
-    def model_state_bytes(self) -> dict[str, int]:
-        out = {"params": storage_bytes(self.param_tensors()), "grads": storage_bytes(self.grad_tensors()),
-               "optimizer": storage_bytes(optimizer_state_tensors(self.optimizer))}
-        out["total"] = sum(out.values())
-        return out
-
-
-class NaiveDP(Strategy):
-    """(1) After backward, all-reduce each gradient in turn and divide by N. Nothing overlaps."""
-
-    def __init__(self, model: nn.Module, comm: Comm, **adamw):
-        self.model, self.comm = model, comm
-        self.params = unique_parameters(model)
-        broadcast_parameters(self.params, comm)
-        self.optimizer = torch.optim.AdamW(self.params, **adamw)
-        self.sync = True
-
-    @contextmanager
-    def no_sync(self):
-        self.sync = False
-        try:
-            yield
-        finally:
-            self.sync = True
-
-    def backward(self, loss):
-        super().backward(loss)
-        if not self.sync:
-            return
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            self.comm.all_reduce(p.grad, name=f"grad {i}")
-            p.grad.div_(self.comm.world)
+def queue_end_of_backward(callback) -> None:
+    """Run `callback` once the current backward pass has finished (what DDP's reducer does)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 class _Bucket:
@@ -159,21 +70,34 @@ class _Bucket:
         for p in params:
             self.offsets.append(self.offsets[-1] + p.numel())
         self.buffer = torch.zeros(self.offsets[-1], dtype=params[0].dtype, device=params[0].device)  # (n,)
-        self.pending = len(params)
+        self.ready: set[int] = set()
         self.work = None
 
+    def slot(self, i: int) -> torch.Tensor:
+        return self.buffer[self.offsets[i]:self.offsets[i + 1]]
 
-class BucketedDP(NaiveDP):
-    """(2) DDP's design: bucketed all-reduce launched from gradient hooks, overlapping backward."""
 
-    def __init__(self, model: nn.Module, comm: Comm, bucket_mb: float = 1.0, **adamw):
-        if not isinstance(bucket_mb, (int, float)) or isinstance(bucket_mb, bool) or not bucket_mb > 0:
-            raise ValueError(f"bucket_mb must be a number > 0 (megabytes per bucket), got {bucket_mb!r}")
-        super().__init__(model, comm, **adamw)
-        cap = bucket_mb * 2**20
+class DataParallel(nn.Module):
+    """DDP-style wrapper: same forward as `module`, gradients averaged over `comm`'s ranks."""
+
+    def __init__(self, module: nn.Module, comm: Comm | None = None, bucket_mb: float | None = 25.0,
+                 find_unused_parameters: bool = False):
+        super().__init__()
+        if bucket_mb is not None and (not isinstance(bucket_mb, (int, float)) or isinstance(bucket_mb, bool)
+                                      or not 0 < bucket_mb < float("inf")):
+            raise ValueError(f"bucket_mb must be a finite number > 0 (megabytes per bucket) or None (naive: "
+                             f"one all-reduce per gradient after backward), got {bucket_mb!r}")
+        self.module, self.comm = module, comm or Comm()
+        self.bucket_mb, self.find_unused_parameters = bucket_mb, find_unused_parameters
+        broadcast_state(module, self.comm)
+        self.names = {p: n for n, p in module.named_parameters()}
+        params = [p for p in module.parameters() if p.requires_grad]  # each tied Parameter once
+        if not params:
+            raise ValueError("DataParallel: the module has no trainable parameters")
+        cap = (bucket_mb if bucket_mb is not None else 0) * 2**20  # naive: every parameter its own bucket
         self.buckets: list[_Bucket] = []
         current, size = [], 0
-        for p in reversed(self.params):  # backward meets the last layers first
+        for p in reversed(params):  # backward meets the last layers first
             current.append(p)
             size += p.numel() * p.element_size()
             if size >= cap:
@@ -186,97 +110,84 @@ class BucketedDP(NaiveDP):
             for i, p in enumerate(bucket.params):
                 self.where[id(p)] = (b, i)
                 p.register_post_accumulate_grad_hook(self._grad_ready)
+        self.sync, self._queued, self._next = True, False, 0
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally; the next backward outside this context averages them all."""
+        before, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = before
 
     def _grad_ready(self, p: torch.Tensor) -> None:
         """Runs inside backward once p.grad is final (both uses of a tied weight already summed)."""
         if not self.sync:
             return
+        if not self._queued:
+            self._queued = True
+            queue_end_of_backward(self._finish)
         b, i = self.where[id(p)]
         bucket = self.buckets[b]
-        bucket.buffer[bucket.offsets[i]:bucket.offsets[i + 1]].copy_(p.grad.view(-1))
-        bucket.pending -= 1
-        if bucket.pending == 0:  # last gradient of the bucket: ship it, backward goes on
-            bucket.work = self.comm.all_reduce(bucket.buffer, async_op=True, name=f"bucket {b}")
+        bucket.slot(i).copy_(p.grad.view(-1))
+        bucket.ready.add(i)
+        if self.bucket_mb is not None:  # overlap: ship every full bucket, in index order
+            self._launch_ready()
 
-    def backward(self, loss):
-        Strategy.backward(self, loss)
-        if not self.sync:
-            return
+    def _launch_ready(self):
+        while self._next < len(self.buckets) and len(self.buckets[self._next].ready) == len(self.buckets[self._next].params):
+            bucket = self.buckets[self._next]
+            bucket.work = self.comm.all_reduce(bucket.buffer, async_op=True, name=f"bucket {self._next}")
+            self._next += 1
+
+    def _finish(self) -> None:
+        """After the whole backward: gradients that never came, the remaining buckets, the averages."""
+        self._queued = False
+        missing = [(b, i) for b, bucket in enumerate(self.buckets) for i in range(len(bucket.params))
+                   if i not in bucket.ready]
+        if missing and not self.find_unused_parameters:
+            names = [self.names[self.buckets[b].params[i]] for b, i in missing]
+            self._reset()
+            raise RuntimeError(f"DataParallel: parameter(s) {names} received no gradient in this backward (unused in "
+                               f"forward). Pass find_unused_parameters=True (as with torch DDP), or freeze them "
+                               f"with requires_grad_(False).")
+        for b, i in missing:  # unused here: this rank contributes zero
+            self.buckets[b].slot(i).zero_()
+            self.buckets[b].ready.add(i)
+        if self.bucket_mb is None:  # naive: one all-reduce per gradient, now, one after the other
+            for b, bucket in enumerate(self.buckets):
+                self.comm.all_reduce(bucket.buffer, name=f"grad {b}")
+            self._next = len(self.buckets)
+        self._launch_ready()
+        used = None
+        if self.find_unused_parameters:  # which parameters got a gradient on some rank
+            used = torch.tensor([float(p.grad is not None) for bucket in self.buckets for p in bucket.params])
+            self.comm.all_reduce(used, name="used-parameter flags")
+        k = 0
         for bucket in self.buckets:
-            if bucket.work is None:  # a parameter got no gradient this step: send what we have
-                bucket.work = self.comm.all_reduce(bucket.buffer, async_op=True)
-            bucket.work.wait()
+            if bucket.work is not None:
+                bucket.work.wait()
             bucket.buffer.div_(self.comm.world)
             for i, p in enumerate(bucket.params):
-                p.grad.copy_(bucket.buffer[bucket.offsets[i]:bucket.offsets[i + 1]].view_as(p))
-            bucket.pending, bucket.work = len(bucket.params), None
+                if used is not None and used[k] == 0:
+                    p.grad = None  # unused on every rank: what one process would have
+                elif p.grad is None:
+                    p.grad = bucket.slot(i).view_as(p).clone()
+                else:
+                    p.grad.copy_(bucket.slot(i).view_as(p))
+                k += 1
+        self._reset()
 
+    def _reset(self):
+        for bucket in self.buckets:
+            bucket.ready.clear()
+            bucket.work = None
+        self._next = 0
 
-class TorchDDP(Strategy):
-    """torch.nn.parallel.DistributedDataParallel with the same bucket size (C++ reducer, same idea)."""
-
-    def __init__(self, model: nn.Module, comm: Comm, bucket_mb: float = 1.0, **adamw):
-        from torch.nn.parallel import DistributedDataParallel
-        if not bucket_mb > 0:
-            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
-        self.comm = comm
-        self.model = DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
-        self.optimizer = torch.optim.AdamW(unique_parameters(model), **adamw)
-
-    def no_sync(self):
-        return self.model.no_sync()
-
-    def full_state_dict(self):
-        return {n: p.detach().clone() for n, p in self.model.module.named_parameters()}
-
-
-class TorchFSDP2(Strategy):
-    """PyTorch's FSDP2: fully_shard each block, then the root (ZeRO-3 with per-parameter DTensor shards)."""
-
-    def __init__(self, model: nn.Module, comm: Comm, **adamw):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from .launch import rank_device
-        self.comm = comm
-        mesh = init_device_mesh(rank_device().type, (comm.world,))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        self.model = model
-        self.optimizer = torch.optim.AdamW(unique_parameters(model), **adamw)
-
-    @contextmanager
-    def no_sync(self):
-        self.model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
-
-    def full_state_dict(self):
-        return {n: p.full_tensor().detach().clone() for n, p in self.model.named_parameters()}
-
-
-def train_step(strategy: Strategy, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-               measure_memory: bool = False, sync_every_micro_batch: bool = False) -> tuple[float, dict | None]:
-    """One optimizer step over M micro-batches; gradients are communicated on the last one only.
-
-    sync_every_micro_batch=True is the wasteful version (M all-reduces, same result) for comparison.
-    Returns (mean loss, model-state bytes measured after the gradient sync, before the update, and
-    the synchronized gradient's norm there).
-    """
-    comm, M, total = strategy.comm, len(micro_batches), 0.0
-    for i, (x, y) in enumerate(micro_batches):
-        skip = i < M - 1 and not sync_every_micro_batch
-        with (strategy.no_sync() if skip else nullcontext()):
-            with comm.span("compute", "forward"):
-                _, loss = strategy.model(x, y)
-            strategy.backward(loss / M)  # mean over micro-batches = mean over the whole batch
-        total += loss.item() / M
-    memory = None
-    if measure_memory:
-        memory = strategy.model_state_bytes()
-        memory["grad_norm"] = strategy.grad_norm()
-    with comm.span("compute", "optimizer"):
-        strategy.optimizer_step()
-    return total, memory
+    def extra_repr(self) -> str:
+        kind = "naive" if self.bucket_mb is None else f"{len(self.buckets)} buckets of <= {self.bucket_mb} MB"
+        return f"{kind}, {self.comm.world} ranks"

@@ -1,312 +1,355 @@
 """ZeRO: shard optimizer state (stage 1), gradients (2) and parameters (3) over N data-parallel ranks.
 
-Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models".
-Model-state bytes per rank for Ψ parameters and mixed-precision Adam (fp16 params 2Ψ, fp16 grads
-2Ψ, fp32 master params + momentum + variance K·Ψ with K = 12):
+Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models",
+section 5. Model-state bytes per rank (`course.costs.model_state_bytes`; mixed-precision Adam: 2Ψ
+params, 2Ψ grads, KΨ optimizer with K = 12; the fp32 CPU code here: 4, 4, 8):
 
     DP        (2 + 2 + K)·Ψ           7.5B params on N = 64 GPUs:  120 GB
     ZeRO-1    2Ψ + 2Ψ + K·Ψ/N                                      31.4 GB
     ZeRO-2    2Ψ + (2 + K)·Ψ/N                                     16.6 GB
     ZeRO-3    (2 + 2 + K)·Ψ/N                                       1.9 GB
 
-This code trains in fp32 (CPU, gloo): params 4Ψ, grads 4Ψ, AdamW exp_avg + exp_avg_sq 8Ψ (the fp32
-params are the master copy), i.e. the same formulas with (P, G, K) = (4, 4, 8) instead of (2, 2, 12).
-
-Layout: parameters are grouped per unit (one group per transformer block, one for everything else:
-embeddings, final LayerNorm, tied head). A group is flattened into one buffer padded to a multiple
-of N (Ψ below counts that padding, < N elements per group); rank r owns slice r of every group and
-keeps AdamW state for its slices only.
-- stage 1: full params and grads; after backward reduce-scatter each group's gradient, step my
-  slice, all-gather the params: the two halves of an all-reduce, so the same bytes as DP.
-- stage 2: as 1, but each group's gradient is reduce-scattered as soon as backward has produced all
-  of it, and the full gradient freed: only 1/N of the gradients is kept.
-- stage 3: only the slices are kept. A unit's params are all-gathered right before its forward and
-  freed right after; autograd does not keep the weights either (saved_tensors_hooks store a note
-  instead), so backward all-gathers the unit again when it first needs it, then reduce-scatters its
-  gradient and frees it: 3 x (N-1)/N·Ψ per step = 1.5x DP. Every unit, the root included, is freed
-  after forward, so the count is the paper's exactly (FSDP keeps the root gathered, saving one).
-
-Tied weights: the model ties wte.weight and lm_head.weight (one Parameter in two modules). Groups are
-built from unique parameters (deduplicated by identity, as model.parameters() does), so the tied
-weight is stored, reduced and updated once; in stage 3 both modules receive the same view of the
-gathered buffer, so the gradients of both uses add up in one place before the reduce-scatter.
+`shard(model, comm, stage)` changes the model in place, the way PyTorch's FSDP2 `fully_shard` does:
+every parameter is cut along dim 0 (padded to a multiple of N rows) and the registered Parameter
+becomes this rank's rows, under the same name. So `model.parameters()` are shards, and a plain
+optimizer built over them (`torch.optim.AdamW(model.parameters())`, or course.train's decay groups,
+which look at dims) keeps optimizer state for 1/N of the model: that *is* ZeRO's optimizer
+sharding. While a unit (a transformer block, or the rest of the model: the "root") computes, the
+whole parameter is gathered and registered instead; gradients are averaged with the same
+reduce-scatter that cuts them:
+- stage 1: full gradients accumulate locally; at the end of backward each is reduce-scattered and
+  the rank keeps its rows (a view of the full gradient buffer, which stays: Ψ of gradients). The
+  updated rows are all-gathered before the next forward: reduce-scatter + all-gather = the two
+  halves of an all-reduce, so the same bytes as DP, 2(N-1)/N·Ψ.
+- stage 2: as 1, but a unit's gradients are reduce-scattered as soon as backward has produced all of
+  them, and the full gradients freed: 1/N of the gradients is kept. Under no_sync() it still reduces
+  every micro-batch (it holds no full gradient to accumulate into) and adds the reduced rows.
+- stage 3: parameters too. A unit is gathered before its forward and freed after it (the storage is
+  released; autograd keeps the tensor object), gathered again when backward reaches its output (a
+  gradient hook on the unit's outputs, FSDP's pre-backward hook) and freed after its gradients are
+  reduce-scattered: 3(N-1)/N·Ψ per step = 1.5x DP. The root is freed after forward too, so the count
+  is the paper's exactly (FSDP keeps the root gathered, saving one all-gather).
+Recomputation composes: a checkpointed unit runs forward again inside backward, finds itself
+gathered, and is not freed until its gradients are reduced.
+Tied weights (wte / lm_head): one Parameter in two modules, sharded once; both modules get the same
+gathered tensor, so both uses' gradients add up before the reduce-scatter. A parameter may not be
+shared between two units. Frozen parameters and buffers are broadcast from rank 0 and kept whole.
+Unused parameters follow `course.parallel.data_parallel` (an error, or find_unused_parameters=True).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
 from .comm import Comm
-from .data_parallel import Strategy, broadcast_parameters, optimizer_state_tensors, storage_bytes
+from .data_parallel import broadcast_state, queue_end_of_backward
 
 STAGES = (1, 2, 3)
 
 
-def model_state_bytes(psi: float, world: int, stage: int, param_bytes: float = 2, grad_bytes: float = 2,
-                      optim_bytes: float = 12) -> dict[str, float]:
-    """Bytes of params, grads and optimizer state per rank (stage 0 = plain data parallelism).
+class _Param:
+    """One parameter: rank r's rows (`shard`, registered between steps) and the whole (`full`)."""
 
-    Defaults are the paper's mixed-precision Adam (2, 2, K=12); the fp32 code here is (4, 4, 8).
-    """
-    if stage not in (0, *STAGES):
-        raise ValueError(f"stage must be 0 (plain DP), 1, 2 or 3, got {stage!r}")
-    if world < 1:
-        raise ValueError(f"world must be >= 1, got {world!r}")
-    P, G, K = param_bytes * psi, grad_bytes * psi, optim_bytes * psi
-    out = {"params": P / world if stage >= 3 else P,
-           "grads": G / world if stage >= 2 else G,
-           "optimizer": K / world if stage >= 1 else K}
-    out["total"] = out["params"] + out["grads"] + out["optimizer"]
-    return out
-
-
-def _places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """id(param) -> every (module, attribute) that holds it (a tied weight has two)."""
-    out: dict[int, list] = {}
-    for module in model.modules():
-        for attr, p in module._parameters.items():
-            if p is not None:
-                out.setdefault(id(p), []).append((module, attr))
-    return out
+    def __init__(self, name: str, p: nn.Parameter, holders, comm: Comm, stage: int):
+        self.name, self.holders, self.shape, self.comm = name, holders, p.shape, comm
+        rows = p.shape[0] if p.dim() else 1
+        rest = tuple(p.shape[1:])
+        self.rows, self.per_rank = rows, math.ceil(rows / comm.world)
+        self.full = p.new_zeros((self.per_rank * comm.world, *rest))  # (N*c, ...) padded
+        self.full[:rows].copy_(p.detach().reshape(rows, *rest))
+        lo, hi = comm.rank * self.per_rank, (comm.rank + 1) * self.per_rank
+        mine = self.full[lo:hi]  # (c, ...) this rank's rows
+        self.shard = nn.Parameter(mine if stage < 3 else mine.clone())  # stage 1/2: a view of full
+        self.whole = nn.Parameter(self.full[:rows].view(self.shape))  # shares full's storage
+        self.grad_buffer = None
+        if stage == 1:  # full gradient buffer: autograd accumulates into the view
+            self.grad_buffer = torch.zeros_like(self.full)
+            self.whole.grad = self.grad_buffer[:rows].view(self.shape)
+        self.slice = slice(lo, hi)
+        self.version = self.full._version  # the optimizer's in-place update of `shard` changes it
 
 
-class FlatGroup:
-    """One unit's parameters as one flat buffer padded to a multiple of N; rank r owns slice r."""
+    @property
+    def padded_numel(self) -> int:
+        return self.full.numel()
 
-    def __init__(self, name: str, named_params: list[tuple[str, nn.Parameter]], world: int, rank: int):
-        self.name = name
-        self.names = [n for n, _ in named_params]
-        self.params = [p for _, p in named_params]
-        self.shapes = [p.shape for p in self.params]
-        self.offsets = [0]
-        for p in self.params:
-            self.offsets.append(self.offsets[-1] + p.numel())
-        self.numel = self.offsets[-1]
-        self.padded = -(-self.numel // world) * world
-        self.shard_numel = self.padded // world
-        self.lo, self.hi = rank * self.shard_numel, (rank + 1) * self.shard_numel
+    def register(self, whole: bool):
+        p = self.whole if whole else self.shard
+        for module, attr in self.holders:
+            module._parameters[attr] = p
 
-    def flatten(self) -> torch.Tensor:
-        p0 = self.params[0]
-        pad = torch.zeros(self.padded - self.numel, dtype=p0.dtype, device=p0.device)
-        return torch.cat([p.detach().reshape(-1) for p in self.params] + [pad])  # (padded,)
+    def gather(self, name: str):
+        if self.full.untyped_storage().nbytes() == 0:
+            self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
+        # Autograd may hold `whole` (a view of full) for backward: refilling the same memory with the
+        # same values must not count as modifying it (FSDP2 does the same for its all-gather outputs)
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(self.full):
+            self.comm.all_gather(self.full, self.shard.detach().clone(), name=name)
+        self.version = self.full._version
 
-    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: flat[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
-                for i, n in enumerate(self.names)}
+    def free(self):
+        self.full.untyped_storage().resize_(0)
 
-
-class ZeRO(Strategy):
-    """ZeRO stage 1, 2 or 3 around an unchanged course.model.Transformer (AdamW on the owned slices)."""
-
-    def __init__(self, model: nn.Module, comm: Comm, stage: int, **adamw):
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES} (1: optimizer state, 2: + gradients, "
-                             f"3: + parameters), got {stage!r}")
-        self.stage, self.comm = stage, comm
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weight once
-        broadcast_parameters([p for _, p in named], comm)
-        block_ids = [{id(p) for p in b.parameters()} for b in model.blocks]
-        self.groups = [FlatGroup(f"block {i}", [(n, p) for n, p in named if id(p) in ids], comm.world, comm.rank)
-                       for i, ids in enumerate(block_ids)]
-        in_blocks = set().union(*block_ids)
-        self.groups.append(FlatGroup("root", [(n, p) for n, p in named if id(p) not in in_blocks],
-                                     comm.world, comm.rank))
-        self.psi = sum(g.padded for g in self.groups)  # element count the formulas use
-        self.sync = True
-        if stage < 3:
-            self._flatten_in_place()
-            self.model = model
-        else:
-            self.units = [_Unit(g, comm, _places(model)) for g in self.groups]
-            for i, unit in enumerate(self.units[:-1]):
-                model.blocks[i] = _ShardedBlock(model.blocks[i], unit)
-            self.model = _ShardedModel(model, self.units)
-        self.optimizer = torch.optim.AdamW([g.shard for g in self.groups], **adamw)
-
-    # ---------------------------------------------------------------- stages 1 and 2
-    def _flatten_in_place(self):
-        for g in self.groups:
-            g.flat = g.flatten()
-            for i, p in enumerate(g.params):  # the module's weights now live inside the flat buffer
-                p.data = g.flat[g.offsets[i]:g.offsets[i + 1]].view(g.shapes[i])
-            g.shard = nn.Parameter(g.flat[g.lo:g.hi])  # a view: updating my slice updates the model
-            if self.stage == 1:  # full gradient buffer; p.grad are views, autograd adds into them
-                g.flat_grad = torch.zeros_like(g.flat)
-                for i, p in enumerate(g.params):
-                    p.grad = g.flat_grad[g.offsets[i]:g.offsets[i + 1]].view(g.shapes[i])
-                g.shard.grad = g.flat_grad[g.lo:g.hi]
-            else:
-                g.pending = len(g.params)
-                for p in g.params:
-                    p.register_post_accumulate_grad_hook(lambda p, g=g: self._grad_ready(g))
-
-    def _grad_ready(self, g: FlatGroup) -> None:
-        """Stage 2: once a group's gradient is complete, keep my reduced slice, free the rest."""
-        g.pending -= 1
-        if g.pending:
+    def reduce(self, name: str):
+        """Average the full gradient over ranks and keep my rows as shard.grad."""
+        mine = self.shard.new_empty(self.shard.shape)
+        if self.grad_buffer is not None:  # stage 1: the accumulated full gradient is already padded
+            self.comm.reduce_scatter(mine, self.grad_buffer, name=name)
+            self.grad_buffer[self.slice].copy_(mine.div_(self.comm.world))
+            self.shard.grad = self.grad_buffer[self.slice]
             return
-        g.pending = len(g.params)
-        full = torch.cat([p.grad.reshape(-1) for p in g.params]
-                         + [g.flat.new_zeros(g.padded - g.numel)])  # (padded,)
-        mine = full.new_empty(g.shard_numel)
-        self.comm.reduce_scatter(mine, full, name=f"reduce-scatter {g.name}")
+        padded = torch.zeros_like(self.full) if self.whole.grad is None else torch.cat(
+            [self.whole.grad.reshape(self.rows, *self.full.shape[1:]),
+             self.full.new_zeros((self.full.size(0) - self.rows, *self.full.shape[1:]))])  # (N*c, ...)
+        self.comm.reduce_scatter(mine, padded, name=name)
         mine.div_(self.comm.world)
-        g.shard.grad = mine if g.shard.grad is None else g.shard.grad.add_(mine)
-        for p in g.params:
-            p.grad = None
-
-    @contextmanager
-    def no_sync(self):
-        """Stage 1 accumulates full gradients locally; stages 2/3 hold only slices, so they must reduce
-        every micro-batch (more communication for less memory) and accumulate the reduced slices."""
-        self.sync = self.stage != 1
-        try:
-            yield
-        finally:
-            self.sync = True
-
-    def backward(self, loss):
-        Strategy.backward(self, loss)
-        if self.stage == 1 and self.sync:
-            for g in self.groups:
-                mine = g.flat_grad.new_empty(g.shard_numel)
-                self.comm.reduce_scatter(mine, g.flat_grad, name=f"reduce-scatter {g.name}")
-                g.shard.grad.copy_(mine).div_(self.comm.world)
-
-    def optimizer_step(self):
-        self.optimizer.step()
-        with torch.no_grad():
-            for g in self.groups:
-                if self.stage == 1:
-                    g.flat_grad.zero_()
-                else:
-                    g.shard.grad = None
-                if self.stage < 3:  # everyone gets everyone's updated slice back
-                    self.comm.all_gather(g.flat, g.shard.detach().clone(), name=f"all-gather {g.name}")
-
-    # ---------------------------------------------------------------- inspection
-    def full_state_dict(self):
-        out = {}
-        for g in self.groups:
-            if self.stage < 3:
-                flat = g.flat
-            else:
-                flat = g.shard.new_empty(g.padded)
-                self.comm.all_gather(flat, g.shard.detach(), name="gather state dict")
-            out.update({n: t.clone() for n, t in g.unflatten(flat).items()})
-        return out
-
-    def grad_norm(self) -> float:
-        sq = sum(g.shard.grad.double().pow(2).sum() for g in self.groups if g.shard.grad is not None)
-        sq = torch.as_tensor(sq, dtype=torch.float64).reshape(1)
-        if self.comm.world > 1:  # slices are disjoint: the squares add up (not counted as model traffic)
-            torch.distributed.all_reduce(sq)
-        return float(sq) ** 0.5
-
-    def param_tensors(self):
-        if self.stage < 3:
-            return [g.flat for g in self.groups]
-        return [g.shard for g in self.groups] + [u.full for u in self.units if u.full is not None]
-
-    def grad_tensors(self):
-        if self.stage == 1:
-            return [g.flat_grad for g in self.groups]
-        full = [p.grad for g in self.groups for p in g.params] if self.stage == 2 else []
-        return [g.shard.grad for g in self.groups] + full
+        self.shard.grad = mine if self.shard.grad is None else self.shard.grad.add_(mine)
+        self.whole.grad = None
 
 
 class _Unit:
-    """Stage 3: one group's slice, and its full parameters only while a forward/backward needs them."""
+    """The parameters one module owns (a block, or the root): gathered and reduced together."""
 
-    def __init__(self, g: FlatGroup, comm: Comm, places: dict):
-        self.g, self.comm = g, comm
-        self.places = [places[id(p)] for p in g.params]  # where to install each view (two for tied)
-        g.shard = nn.Parameter(g.flatten()[g.lo:g.hi].clone())  # the only persistent copy: Ψ/N
-        for holders in self.places:
-            for module, attr in holders:
-                del module._parameters[attr]  # the module keeps a plain tensor attribute instead
-        self.full: torch.Tensor | None = None
-        self.resident = False
-
-    def gather(self):
-        """Before forward: all-gather the full parameters into a fresh leaf and install views."""
-        g = self.g
-        full = torch.empty(g.padded, dtype=g.shard.dtype, device=g.shard.device)  # (padded,)
-        self.comm.all_gather(full, g.shard.detach(), name=f"all-gather {g.name}")
-        full.requires_grad_(True)
-        full.register_post_accumulate_grad_hook(self._reduce_grad)
-        for i, holders in enumerate(self.places):
-            view = full[g.offsets[i]:g.offsets[i + 1]].view(g.shapes[i])
-            for module, attr in holders:
-                setattr(module, attr, view)
-        self.full, self.resident = full, True
-
-    def free(self):
-        """Drop the full parameters' memory; the tensor (and autograd's views of it) stay, empty."""
-        self.full.untyped_storage().resize_(0)
-        self.resident = False
-
-    def regather(self):
-        """In backward, when a saved weight is first needed: fill the same storage again."""
-        g = self.g
-        self.full.untyped_storage().resize_(g.padded * self.full.element_size())
-        with torch.no_grad():
-            self.comm.all_gather(self.full.detach(), g.shard.detach(), name=f"all-gather {g.name} (bwd)")
-        self.resident = True
-
-    def _reduce_grad(self, full: torch.Tensor):
-        """Backward produced this unit's whole gradient: reduce-scatter it, keep my slice, free all."""
-        g = self.g
-        mine = full.new_empty(g.shard_numel)
-        self.comm.reduce_scatter(mine, full.grad, name=f"reduce-scatter {g.name}")
-        mine.div_(self.comm.world)
-        g.shard.grad = mine if g.shard.grad is None else g.shard.grad.add_(mine)
-        full.grad = None
-        self.free()
-        self.full = None
+    def __init__(self, name: str, params: list[_Param]):
+        self.name, self.params = name, params
+        self.resident, self.ready = True, set()
 
 
-class _ShardedBlock(nn.Module):
-    def __init__(self, block: nn.Module, unit: _Unit):
-        super().__init__()
-        self.block, self.unit = block, unit
+class ZeROModule:
+    """Mixed into the sharded model's class (as FSDP2 does): no_sync, clip_grad_norm_, full_state_dict."""
 
-    def forward(self, x, attn_mask=None):
-        self.unit.gather()
-        out = self.block(x, attn_mask)  # (B, T, C)
-        self.unit.free()
+    @contextmanager
+    def no_sync(self):
+        z = self._zero
+        before, z.sync = z.sync, False
+        try:
+            yield
+        finally:
+            z.sync = before
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over the whole model: the squares of the shards' gradients add up."""
+        z = self._zero
+        grads = [p.shard.grad for p in z.params if p.shard.grad is not None]
+        sq = torch.zeros(1, dtype=torch.float64, device=z.params[0].full.device)
+        for g in grads:
+            sq += g.double().pow(2).sum()
+        if z.comm.world > 1:  # the shards are disjoint (not model traffic, so not counted)
+            torch.distributed.all_reduce(sq, group=z.comm.group)
+        total = sq.sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's rule
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total.to(grads[0].dtype if grads else torch.float32).squeeze()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole (gathered; not counted as training traffic), by its original name."""
+        z, out = self._zero, {}
+        for p in z.params:
+            full = p.full.new_empty(p.full.shape)
+            full[p.slice] = p.shard.detach()
+            if z.comm.world > 1:
+                torch.distributed.all_gather_into_tensor(full, p.shard.detach().contiguous(), group=z.comm.group)
+            out[p.name] = full[:p.rows].reshape(p.shape).detach().clone()
         return out
 
+    @property
+    def zero_psi(self) -> int:
+        """Parameters counted with their padding (what the model-state formulas take as Ψ)."""
+        return self._zero.psi
 
-class _ShardedModel(nn.Module):
-    """Gathers the root unit around the whole forward; saved weights become notes (pack/unpack)."""
+    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """What this rank holds, for course.measure.state_bytes: parameter and gradient storages."""
+        z = self._zero
+        params = [p.shard for p in z.params] + [p.full for p in z.params if p.full.untyped_storage().nbytes()]
+        grads = [p.shard.grad for p in z.params] + [p.whole.grad for p in z.params] + \
+                [p.grad_buffer for p in z.params]
+        frozen = [p for p in self.parameters() if not p.requires_grad]
+        return {"params": params + frozen, "grads": [g for g in grads if g is not None]}
 
-    def __init__(self, model: nn.Module, units: list[_Unit]):
-        super().__init__()
-        self.inner, self.units, self.root = model, units, units[-1]
 
-    def _pack(self, t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        for unit in self.units:
-            if unit.full is not None and unit.resident and ptr == unit.full.untyped_storage().data_ptr():
-                return (unit, t.storage_offset(), tuple(t.shape), t.stride())  # a note, not the weight
-        return t
+class _State:
+    def __init__(self, comm, stage, params, units, find_unused):
+        self.comm, self.stage, self.params, self.units = comm, stage, params, units
+        self.find_unused, self.sync, self.phase = find_unused, True, "forward"
+        self.fresh_grads, self.queued, self.order, self.next = False, False, [], 0
+        self.unit_of = {id(p.whole): u for u in units for p in u.params}
+        self.names = {id(p.whole): p.name for p in params}
 
-    @staticmethod
-    def _unpack(saved):
-        if not isinstance(saved, tuple):
-            return saved
-        unit, offset, shape, stride = saved
-        if not unit.resident:
-            unit.regather()
-        return unit.full.detach().as_strided(shape, stride, offset)
+    @property
+    def psi(self) -> int:
+        """Element count the formulas use: every parameter padded to a multiple of N rows."""
+        return sum(p.padded_numel for p in self.params)
 
-    def forward(self, *args, **kw):
-        self.root.gather()
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            out = self.inner(*args, **kw)
-        self.root.free()
-        return out
+
+def shard(model: nn.Module, comm: Comm | None = None, stage: int = 3, units=None,
+          find_unused_parameters: bool = False) -> nn.Module:
+    """Shard `model` in place with ZeRO stage 1, 2 or 3 over `comm`'s ranks. Returns the model.
+
+    units: the modules gathered and reduced as one (default: each of model.blocks); everything
+    else belongs to the root unit, the model itself."""
+    if stage not in STAGES or isinstance(stage, bool):
+        raise ValueError(f"stage must be one of {STAGES} (1: optimizer state, 2: + gradients, 3: + parameters), "
+                         f"got {stage!r}")
+    if isinstance(model, ZeROModule):
+        raise ValueError("this model is already sharded with ZeRO; build a fresh model to shard it again")
+    comm = comm or Comm()
+    broadcast_state(model, comm)
+    units = list(units) if units is not None else list(getattr(model, "blocks", []))
+    holders: dict[int, list] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None and p.requires_grad:
+                holders.setdefault(id(p), []).append((module, attr))
+    owner: dict[int, int] = {}
+    for u, module in enumerate(units):
+        for p in module.parameters():
+            if id(p) in owner and owner[id(p)] != u:
+                raise ValueError(f"a parameter is shared by units {owner[id(p)]} and {u}: ZeRO gathers one unit at a "
+                                 f"time, so shared parameters must live in one unit (or in the root)")
+            owner[id(p)] = u
+    names = {id(p): n for n, p in model.named_parameters()}  # tied: the first name, as named_parameters gives
+    params, by_unit = [], [[] for _ in range(len(units) + 1)]
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            zp = _Param(names[id(p)], p, holders[id(p)], comm, stage)
+            params.append(zp)
+            by_unit[owner.get(id(p), len(units))].append(zp)
+    if not params:
+        raise ValueError("shard: the model has no trainable parameters")
+    unit_objs = [_Unit(f"block {i}" if i < len(units) else "root", ps) for i, ps in enumerate(by_unit)]
+    model._zero = z = _State(comm, stage, params, unit_objs, find_unused_parameters)
+    for zp in params:
+        zp.register(whole=False)
+        zp.whole.register_post_accumulate_grad_hook(lambda t, z=z: _grad_ready(z, t))
+    for module, unit in zip(units + [model], unit_objs):
+        if unit.params:
+            module.register_forward_pre_hook(lambda m, args, z=z, u=unit: _pre_forward(z, u))
+            module.register_forward_hook(lambda m, args, out, z=z, u=unit: _post_forward(z, u, out))
+        unit.resident = stage < 3
+        if stage == 3:
+            for zp in unit.params:
+                zp.free()
+    cls = type(model)
+    model.__class__ = type(f"ZeRO{cls.__name__}", (ZeROModule, cls), {})
+    return model
+
+
+def _pre_forward(z: _State, unit: _Unit):
+    if z.phase == "backward":  # a recomputation inside backward: stay gathered until reduced
+        _ensure_resident(z, unit)
+    else:
+        if torch.is_grad_enabled():
+            z.order.append(unit)
+        if z.stage == 3:
+            _ensure_resident(z, unit)
+        elif unit is z.units[-1]:  # the root runs first: refresh every unit once the optimizer stepped
+            if any(zp.full._version != zp.version for zp in z.params):
+                for u in z.units:
+                    for zp in u.params:
+                        zp.gather(f"all-gather {u.name}")
+            if z.stage == 1 and z.fresh_grads and torch.is_grad_enabled():
+                for zp in z.params:  # the first micro-batch of a step accumulates from zero
+                    zp.grad_buffer.zero_()
+                z.fresh_grads = False
+    for zp in unit.params:
+        zp.register(whole=True)
+
+
+def _ensure_resident(z: _State, unit: _Unit):
+    if not unit.resident:
+        for zp in unit.params:
+            zp.gather(f"all-gather {unit.name}" + (" (bwd)" if z.phase == "backward" else ""))
+        unit.resident = True
+
+
+def _post_forward(z: _State, unit: _Unit, out):
+    if z.phase == "backward":
+        return
+    if not torch.is_grad_enabled():  # eval / generate: no backward will come
+        for zp in unit.params:
+            zp.register(whole=False)
+        if z.stage == 3:
+            _free(unit)
+        return
+    if z.stage == 3:
+        _free(unit)
+    for t in (out if isinstance(out, (tuple, list)) else [out]):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(lambda g, z=z, u=unit: _pre_backward(z, u, g))
+
+
+def _free(unit: _Unit):
+    for zp in unit.params:
+        zp.free()
+    unit.resident = False
+
+
+def _pre_backward(z: _State, unit: _Unit, grad):
+    z.phase = "backward"
+    _ensure_resident(z, unit)
+    return grad
+
+
+def _grad_ready(z: _State, whole: torch.Tensor):
+    if not z.queued:
+        z.queued = True
+        queue_end_of_backward(lambda: _finish(z))
+    z.unit_of[id(whole)].ready.add(id(whole))
+    if z.stage >= 2:
+        _reduce_ready(z)
+
+
+def _reduce_ready(z: _State):
+    """Reduce-scatter every complete unit, strictly in reverse forward order (the same on every rank)."""
+    order = list(reversed(z.order))
+    while z.next < len(order) and len(order[z.next].ready) == len(order[z.next].params):
+        for zp in order[z.next].params:
+            zp.reduce(f"reduce-scatter {order[z.next].name}")
+        if z.stage == 3:
+            _free(order[z.next])
+        z.next += 1
+
+
+def _finish(z: _State):
+    """End of backward: parameters that got no gradient, stage 1's reduction, shards registered again."""
+    z.queued = False
+    syncing = z.sync or z.stage >= 2  # stage 1 under no_sync only accumulates
+    if syncing:
+        got = [id(zp.whole) in z.unit_of[id(zp.whole)].ready for zp in z.params]
+        if not all(got) and not z.find_unused:
+            missing = [zp.name for zp, g in zip(z.params, got) if not g]
+            _reset(z)
+            raise RuntimeError(f"ZeRO: parameter(s) {missing} received no gradient in this backward (unused in "
+                               f"forward). Pass find_unused_parameters=True, or freeze them with requires_grad_(False).")
+        used = None
+        if z.find_unused:  # which parameters got a gradient on some rank (a small all-reduce)
+            used = torch.tensor(got, dtype=torch.float32, device=z.params[0].full.device)
+            z.comm.all_reduce(used, name="used-parameter flags")
+        if z.stage == 1:
+            for u in reversed(z.units):
+                for zp in u.params:
+                    zp.reduce(f"reduce-scatter {u.name}")
+            z.fresh_grads = True
+        else:  # units that never completed (unused parameters, skipped units) count as zero here
+            z.order += [u for u in z.units if u not in z.order][::-1]
+            for u in z.units:
+                u.ready.update(id(zp.whole) for zp in u.params)
+            _reduce_ready(z)
+        if used is not None:
+            for zp, flag in zip(z.params, used.tolist()):
+                if flag == 0:
+                    zp.shard.grad = None  # unused on every rank: what one process would have
+        _reset(z)
+    for zp in z.params:
+        zp.register(whole=False)
+    z.order, z.next, z.phase = [], 0, "forward"
+
+
+def _reset(z: _State):
+    for u in z.units:
+        u.ready.clear()
+    z.order, z.next, z.phase = [], 0, "forward"

@@ -1,13 +1,12 @@
-"""Figures for the data-parallel lesson: timeline (Gantt), bytes per step, model-state memory."""
+"""Lesson 05 (data parallelism): timeline (Gantt), bytes per step, model-state memory."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .zero import model_state_bytes
+from ..costs import model_state_bytes
 
 COLORS = {"forward": "tab:blue", "backward": "tab:orange", "optimizer": "tab:green", "comm": "tab:red"}
-FP32 = dict(param_bytes=4, grad_bytes=4, optim_bytes=8)
 LABELS = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
 
 
@@ -65,7 +64,7 @@ def plot_memory(measured: dict[int, dict], ax=None):
                 ax.bar(x, mem[part] / 1e6, bottom=bottom, color=color,
                        label=part if x == 0 else None)
                 bottom += mem[part] / 1e6
-            formula = model_state_bytes(results[name]["psi"], world, stage, **FP32)["total"] / 1e6
+            formula = model_state_bytes(results[name]["psi"], "fp32", stage, world)["total"] / 1e6
             ax.plot([x - 0.45, x + 0.45], [formula] * 2, color="black", linewidth=2,
                     label="formula (P+G+K)Ψ, fp32: 4, 4, 8" if x == 0 else None)
             labels.append(f"{LABELS[stage]}\nN={world}")

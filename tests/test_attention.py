@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course.attention_basics import (ScratchAttention, bidirectional_mask, causal_mask, describe_heads,
-                                     explore_attention, head_stats, loglog_slope, score_matrix_cost,
-                                     self_attention, softmax)
+from course.attention import ScratchAttention, bidirectional_mask, causal_mask, self_attention, softmax
+from course.lessons.attention import describe_heads, explore_attention, head_stats, loglog_slope, score_matrix_cost
 from course.model import ModelConfig, Transformer, attention_maps, set_attention
 
 

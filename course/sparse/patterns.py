@@ -7,7 +7,7 @@ A pattern says which keys a query may attend. Every builder returns a `SparsePat
   (I, J) is kept iff some query of block I may attend some key of block J,
 - `block_exact`: True when the layout expanded to elements *is* the mask (block-native patterns),
   so a kernel needs no per-element test except causality inside diagonal blocks.
-`course.attention.flex.block_mask(pattern)` turns the layout into a FlexAttention BlockMask.
+`course.sparse.flex.block_mask(pattern)` turns the layout into a FlexAttention BlockMask.
 
 Definitions (i = query position, j = key position, all 0-based):
 - causal: j <= i.

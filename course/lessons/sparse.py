@@ -1,13 +1,22 @@
-"""Figures and small experiments the sparse-attention lesson calls (logic here, widgets just call it)."""
+"""Lesson 03 (sparse attention): figures, the explorer widget and the kernel experiments it runs.
+
+The technique lives in `course.sparse`; this module only draws and measures it for the lesson and
+benchmarks/sparse_attention.py (dense masked SDPA vs the block-sparse kernel vs FlexAttention).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .block_sparse import BlockSparseAttention, sparse_attention_maps
-from .cost import attention_cost
-from .patterns import PATTERNS, SparsePattern, make_pattern
+from ..measure import peak_memory, time_it
+from ..progress import progress_bar
+from ..sparse.block_sparse import BlockSparseAttention, block_sparse_attention, plan, sparse_attention_maps
+from ..sparse.cost import attention_cost
+from ..sparse.patterns import PATTERNS, SparsePattern, make_pattern
 
 GALLERY = ("causal", "sliding_window", "dilated", "global_tokens", "random_blocks", "bigbird", "longformer",
            "strided", "fixed")
@@ -134,5 +143,91 @@ def attention_distance(maps: torch.Tensor) -> torch.Tensor:
     return (maps * dist).sum(-1).mean(dim=(1, 3))  # (L, H)
 
 
-__all__ = ["GALLERY", "plot_pattern", "gallery", "explore", "explorer", "plot_scaling", "sparse_gpt",
-           "attention_distance", "sparse_attention_maps"]
+# ----------------------------------------------------------------------------- kernel experiments
+
+
+@dataclass
+class Kernels:
+    """The three ways to run one pattern on q, k, v: dense masked SDPA, block-sparse, (flex)."""
+    pattern: SparsePattern
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def make(cls, pattern: SparsePattern, n_heads=4, head_dim=64, batch=1, device="cpu", dtype=torch.float32, seed=0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        shape = (batch, n_heads, pattern.seq_len, head_dim)
+        q, k, v = (torch.randn(shape, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        return cls(pattern, q, k, v)
+
+    def _grads_off(self):
+        for t in (self.q, self.k, self.v):
+            t.grad = None
+
+    def dense_fwd_bwd(self):
+        """Dense SDPA with the equivalent boolean mask (the mask is built once and cached)."""
+        if not hasattr(self, "_mask"):
+            self._mask = self.pattern.dense_mask(self.q.size(1)).to(self.q.device)
+        self._grads_off()
+        F.scaled_dot_product_attention(self.q, self.k, self.v, attn_mask=self._mask).sum().backward()
+
+    def sparse_fwd_bwd(self):
+        self._sparse(True)
+
+    def sparse_fwd(self):
+        with torch.no_grad():
+            self._sparse(False)
+
+    def _sparse(self, backward):
+        p = self.pattern
+        if not hasattr(self, "_plan"):
+            self._plan = plan(p.layout.to(self.q.device), self.q.size(1), p.causal)
+        self._grads_off()
+        out = block_sparse_attention(self.q, self.k, self.v, p.layout, p.block_size, causal=p.causal,
+                                     mask_mod=None if p.block_exact else p.mask_mod, _plan=self._plan)
+        if backward:
+            out.sum().backward()
+
+    def flex_fwd(self, backward=False):
+        from ..sparse.flex import block_mask, flex_forward
+        if not hasattr(self, "_bmask"):
+            self._bmask = block_mask(self.pattern, device=self.q.device)
+        self._grads_off()
+        q, k, v = (t if backward else t.detach() for t in (self.q, self.k, self.v))  # CPU flex: forward only
+        with torch.set_grad_enabled(backward):
+            out = flex_forward(q, k, v, self._bmask)
+            if backward:
+                out.sum().backward()
+
+
+def sweep(make_pattern, seq_lens, dense_up_to: int | None = None, n_heads=4, head_dim=64, device="cpu",
+          repeats: int = 3, memory: bool = True, progress: bool = False) -> list[dict]:
+    """Time (and peak memory) of dense vs block-sparse fwd+bwd for each length: list of dicts, one per T."""
+    rows = []
+    it = progress_bar(seq_lens, desc="sequence lengths", enabled=progress)
+    for T in it:
+        kern = Kernels.make(make_pattern(T), n_heads, head_dim, device=device)
+        row = dict(seq_len=T, sparse_s=time_it(kern.sparse_fwd_bwd, repeats, device=device),
+                   sparse_fwd_s=time_it(kern.sparse_fwd, repeats, device=device))
+        if memory:
+            row["sparse_peak_bytes"] = peak_memory(kern.sparse_fwd_bwd, device)
+        if dense_up_to is None or T <= dense_up_to:
+            row["dense_s"] = time_it(kern.dense_fwd_bwd, repeats, device=device)
+            if memory:
+                row["dense_peak_bytes"] = peak_memory(kern.dense_fwd_bwd, device)
+        rows.append(row)
+        del kern
+    return rows
+
+
+def crossover(rows: list[dict]) -> int | None:
+    """Shortest measured length from which block-sparse fwd+bwd beats dense at every longer one."""
+    both = [r for r in rows if "dense_s" in r]
+    win = None
+    for r in reversed(both):
+        if r["sparse_s"] < r["dense_s"]:
+            win = r["seq_len"]
+        else:
+            break
+    return win

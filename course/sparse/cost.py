@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..costs import attention_pair_flops
 from .block_sparse import plan
 from .patterns import SparsePattern
 
@@ -64,5 +65,5 @@ def attention_cost(pattern: SparsePattern, n_heads: int = 4, head_dim: int = 64,
     exact_n = None
     if exact:
         exact_n = batch * int(round(pattern.density() * pattern.n_heads * T * T)) * (n_heads // pattern.n_heads)
-    return AttentionCost(T, n_heads, head_dim, dense_n, sparse_n, exact_n, 12.0 * dense_n * head_dim,
-                         12.0 * sparse_n * head_dim, dense_n * bytes_per_el, (sparse_n + gathered) * bytes_per_el)
+    return AttentionCost(T, n_heads, head_dim, dense_n, sparse_n, exact_n, attention_pair_flops(dense_n, head_dim),
+                         attention_pair_flops(sparse_n, head_dim), dense_n * bytes_per_el, (sparse_n + gathered) * bytes_per_el)

@@ -1,94 +1,28 @@
-"""Self-attention from scratch, its quadratic cost, and tools to look inside trained heads.
+"""Lesson 01 (attention): the O(T^2) cost measured, and tools to look inside trained heads.
 
-Scaled dot-product attention (Vaswani et al. 2017, eq. 1):
-
-    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V
-
-with M = 0 where a query may attend a key and -inf where it may not. A GPT uses the causal
-mask (query i sees keys j <= i); BERT uses none (every token sees every token). The score
-matrix Q K^T is T x T per head, so time and memory grow as O(T^2): the cost that sparse
-attention (chapter 03) and FlashAttention-style kernels attack.
-
-Lesson 01 calls `self_attention` (checked equal to F.scaled_dot_product_attention),
-`score_matrix_cost` + `loglog_slope` (the n^2 curve), `head_stats` / `describe_heads`
-(what each head does) and `explore_attention` (the widget's logic, a plain function).
+- `score_matrix_cost` + `loglog_slope`: time and bytes of the score matrix per length (the n^2 curve);
+- `head_stats` / `describe_heads`: what each head does, judged against a uniform causal head;
+- `explore_attention`: the explorer widget's logic as a plain function (widgets swallow errors).
 """
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
-
-def causal_mask(T: int, S: int | None = None, device=None) -> torch.Tensor:
-    """(T, S) bool, True where query i may attend key j: j <= i (+ S - T when keys are longer)."""
-    S = T if S is None else S
-    if T <= 0 or S <= 0:
-        raise ValueError(f"T and S must be positive, got T={T}, S={S}")
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
-
-
-def bidirectional_mask(T: int, device=None) -> torch.Tensor:
-    """(T, T) bool, all True: BERT's encoder lets every token see every token."""
-    if T <= 0:
-        raise ValueError(f"T must be positive, got {T}")
-    return torch.ones(T, T, dtype=torch.bool, device=device)
-
-
-def softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """exp(s - max) / sum exp(s - max): subtracting the row max changes nothing but avoids overflow."""
-    shifted = scores - scores.amax(dim=dim, keepdim=True)
-    e = shifted.exp()
-    return e / e.sum(dim=dim, keepdim=True)
-
-
-def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                   attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T / sqrt(hs) + mask) v, written out. Returns (output, weights).
-
-    q (B, nh, T, hs), k and v (B, nh, S, hs); attn_mask bool, True = may attend, broadcastable
-    to (B, nh, T, S), ANDed with the causal triangle when causal=True.
-    """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (B, nh, T, hs), got shapes {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    T, S = q.size(-2), k.size(-2)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
-    allowed = causal_mask(T, S, q.device) if causal else None  # (T, S)
-    if attn_mask is not None:
-        allowed = attn_mask if allowed is None else attn_mask & allowed
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = softmax(scores, dim=-1)  # (B, nh, T, S), each row sums to 1
-    return weights @ v, weights  # (B, nh, T, hs), (B, nh, T, S)
-
-
-class ScratchAttention(nn.Module):
-    """`self_attention` as a drop-in attention core for course.model (set_attention)."""
-
-    def forward(self, q, k, v, causal: bool, attn_mask=None, dropout_p: float = 0.0):
-        out, weights = self_attention(q, k, v, causal=causal, attn_mask=attn_mask)
-        if dropout_p > 0:  # dropout on the weights, as in the paper; matches SDPA's semantics
-            out = torch.nn.functional.dropout(weights, p=dropout_p) @ v
-        return out
+from ..attention import self_attention
+from ..measure import time_it
+from ..model import attention_maps, causal_mask
 
 
 # ----------------------------------------------------------------------------- the O(T^2) cost
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def score_matrix_cost(seq_lens, n_head: int = 4, head_dim: int = 32, batch: int = 1, repeats: int = 5,
                       device=None, dtype: torch.dtype = torch.float32, seed: int = 0,
                       cpu_threads: int | None = 1) -> list[dict]:
     """Time one from-scratch attention forward and count the bytes of its score matrix per length.
 
-    Returns one row per T: {"T", "seconds" (median of `repeats`), "score_bytes" (B*nh*T*T*itemsize)}.
+    Returns one row per T: {"T", "seconds" (course.measure.time_it: min of `repeats`), "score_bytes" (B*nh*T*T*itemsize)}.
     On CPU it times with `cpu_threads` threads (restored afterwards; None keeps torch's setting):
     one thread shows the algorithm's scaling without thread-pool start-up costs at small T, and is
     far less disturbed when other programs share the cores.
@@ -112,15 +46,9 @@ def score_matrix_cost(seq_lens, n_head: int = 4, head_dim: int = 32, batch: int 
 def _time_one(T, n_head, head_dim, batch, repeats, device, dtype, g) -> dict:
     q, k, v = (torch.randn(batch, n_head, T, head_dim, generator=g).to(device, dtype) for _ in range(3))
     with torch.no_grad():
-        self_attention(q, k, v, causal=True)  # warm-up: first call pays allocation costs
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            _, w = self_attention(q, k, v, causal=True)  # w: (B, nh, T, T)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return {"T": T, "seconds": sorted(times)[len(times) // 2], "score_bytes": w.numel() * w.element_size()}
+        seconds = time_it(lambda: self_attention(q, k, v, causal=True), repeats=repeats, device=device)
+        _, w = self_attention(q, k, v, causal=True)  # w: (B, nh, T, T)
+    return {"T": T, "seconds": seconds, "score_bytes": w.numel() * w.element_size()}
 
 
 def loglog_slope(x, y) -> tuple[float, float]:
@@ -227,8 +155,6 @@ def explore_attention(model, tokenizer, text: str, layer: int, head: int, ax=Non
 
     The logic behind lesson 01's widget; plot=False returns the data without drawing.
     """
-    from .model import attention_maps
-
     n_layer, n_head = model.config.n_layer, model.config.n_head
     if not isinstance(layer, int) or not 0 <= layer < n_layer:
         raise ValueError(f"layer must be an integer in [0, {n_layer - 1}], got {layer!r}")
@@ -246,6 +172,6 @@ def explore_attention(model, tokenizer, text: str, layer: int, head: int, ax=Non
     tokens = [tokenizer.decode([i]) for i in ids]
     view = AttentionView(tokens, weights, layer, head)
     if plot:
-        from .viz import plot_attention
+        from ..viz import plot_attention
         view.ax = plot_attention(weights, tokens, ax=ax, title=f"layer {layer}, head {head}")
     return view

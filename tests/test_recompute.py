@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from course.checkpointing import (POLICIES, RecomputedBlocks, RecomputedCore, apply_policy, measure_policies,
-                                  policy_of, remove_policy, segments_for)
-from course.memory import measure_step
+from course.lessons.recompute import measure_policies
+from course.measure import measure_step
+from course.model import run_blocks
+from course.recompute import POLICIES, RecomputedCore, SegmentRunner, apply_policy, policy_of, remove_policy, segments_for
 from course.model import MatmulAttention, ModelConfig, Transformer, set_attention
 
 SPECS = [("full", None), ("every-k", 2), ("every-k", 3), ("sqrt", None), ("selective", None), ("core-attention", None)]
@@ -44,13 +45,15 @@ def test_every_policy_gives_the_same_gradients_with_dropout(core):
 def test_state_dict_unchanged_and_policy_removable():
     plain = make()
     keys = list(plain.state_dict())
-    ckpt = apply_policy(make(), "sqrt")
-    assert isinstance(ckpt.blocks, RecomputedBlocks) and policy_of(ckpt) == "sqrt"
+    blocks = list(plain.blocks)
+    ckpt = apply_policy(plain, "sqrt")
+    assert isinstance(ckpt.runner, SegmentRunner) and policy_of(ckpt) == "sqrt"
+    assert "segments [0-1*, 2-3*]" in repr(ckpt.runner)
     assert list(ckpt.state_dict()) == keys
-    ckpt.load_state_dict(plain.state_dict())  # strict: same names, same shapes
-    assert all(isinstance(b, nn.Module) for b in ckpt.blocks.children()) and len(ckpt.blocks) == 4
+    ckpt.load_state_dict(make().state_dict())  # strict: same names, same shapes
+    assert type(ckpt.blocks) is nn.ModuleList and list(ckpt.blocks) == blocks  # the blocks stay blocks
     remove_policy(ckpt)
-    assert type(ckpt.blocks) is nn.ModuleList and policy_of(ckpt) == "none"
+    assert ckpt.runner is run_blocks and policy_of(ckpt) == "none"
     assert list(ckpt.state_dict()) == keys
 
 
@@ -60,13 +63,13 @@ def test_core_attention_wraps_only_the_cores():
     m = apply_policy(make("matmul"), "core-attention")
     assert all(isinstance(b.attn.core, RecomputedCore) for b in m.blocks.children())
     assert all(isinstance(b.attn.core.core, MatmulAttention) for b in m.blocks.children())
-    assert list(m.state_dict()) == keys and "attention cores recomputed" in repr(m.blocks)
+    assert list(m.state_dict()) == keys and policy_of(m) == "core-attention" and m.runner is run_blocks
     apply_policy(m, "core-attention")  # a second policy replaces the first: no double wrapping
     assert all(isinstance(b.attn.core.core, MatmulAttention) for b in m.blocks.children())
     apply_policy(m, "full")
     assert all(isinstance(b.attn.core, MatmulAttention) for b in m.blocks.children()) and policy_of(m) == "full"
     remove_policy(m)
-    assert type(m.blocks) is nn.ModuleList and all(isinstance(b.attn.core, MatmulAttention) for b in m.blocks.children())
+    assert m.runner is run_blocks and all(isinstance(b.attn.core, MatmulAttention) for b in m.blocks.children())
 
 
 def test_eval_and_generate_run_without_recomputation():
@@ -111,18 +114,18 @@ def test_bad_policy_arguments(policy, k, match):
 def test_model_without_blocks():
     with pytest.raises(ValueError, match="nn.ModuleList `blocks`"):
         apply_policy(nn.Linear(2, 2), "full")
-    wrong = make()
-    wrong.blocks = nn.ModuleList([nn.Linear(32, 32)])
-    with pytest.raises(ValueError, match=r"must hold course.model.Block modules, found \['Linear'\]"):
-        apply_policy(wrong, "full")
+    changed = apply_policy(make(), "sqrt")
+    changed.blocks = changed.blocks[:3]  # the runner was planned for 4 blocks
+    with pytest.raises(ValueError, match="planned for 4 blocks, the model now has 3"):
+        changed(torch.zeros(1, 4, dtype=torch.long))
     assert "selective" in POLICIES
 
 
 def test_policies_keep_gradients_exact_with_a_block_sparse_core():
     """The attention core is pluggable: recomputing a custom autograd core (chapter 03's block-sparse
     kernel) with dropout also replays exactly."""
-    from course.attention import patterns
-    from course.attention.lesson import sparse_gpt
+    from course.sparse import patterns
+    from course.lessons.sparse import sparse_gpt
 
     cfg = ModelConfig.gpt(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64, dropout=0.1)
 
