@@ -154,6 +154,9 @@ class ZeROModule:
             if z.comm.world > 1:
                 torch.distributed.all_gather_into_tensor(full, p.shard.detach().contiguous(), group=z.comm.group)
             out[p.name] = full[:p.rows].reshape(p.shape).detach().clone()
+        for name, p in self.named_parameters():  # frozen parameters are kept whole on every rank
+            if not p.requires_grad:
+                out[name] = p.detach().clone()
         return out
 
     @property
