@@ -20,7 +20,7 @@ core frees 20/54 = 37% of a layer's 16-bit activations for 14% extra FLOPs: outs
 "core_recompute_ms_per_op" times, on the default shape's (B, nh, T, T) tensors, the ops that recomputing
 the attention core repeats: on CPU, dropout's mask (bernoulli_) dominates.
 Activation memory = bytes alive at the end of forward (kept for backward), measured by
-course.memory.LiveTensors; peak activations = what is alive at the step's peak besides weights and
+course.measure.LiveTensors; peak activations = what is alive at the step's peak besides weights and
 gradients; layer-units divide by the analytic bytes of one layer without recomputation. Step time =
 forward + backward, minimum over interleaved rounds, relative to "none" measured in the same process.
 Each setting also times "none#control", an identical second model: its ratio (ideally 1.00) shows how
@@ -37,9 +37,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from course.checkpointing import core_recompute_costs, measure_policies  # noqa: E402
+from course.costs import korthikanti_flops, layer_activation_bytes  # noqa: E402
 from course.device import machine_info, profile  # noqa: E402
-from course.memory import korthikanti_flops, layer_activation_bytes  # noqa: E402
+from course.lessons.recompute import core_recompute_costs, measure_policies  # noqa: E402
 from course.model import MatmulAttention, ModelConfig, Transformer, set_attention  # noqa: E402
 
 

@@ -20,9 +20,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from course.attention import bigbird  # noqa: E402
-from course.attention.cost import attention_cost  # noqa: E402
-from course.attention.measure import Kernels, crossover, keep_freed_memory, peak_memory, sweep, time_it  # noqa: E402
+from course.lessons.sparse import Kernels, crossover, sweep  # noqa: E402
+from course.measure import keep_freed_memory, peak_memory, time_it  # noqa: E402
+from course.sparse import bigbird  # noqa: E402
+from course.sparse.cost import attention_cost  # noqa: E402
 from course.device import machine_info, pick_device  # noqa: E402
 
 

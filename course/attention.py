@@ -32,6 +32,8 @@ def bidirectional_mask(T: int, device=None) -> torch.Tensor:
 
 def softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """exp(s - max) / sum exp(s - max): subtracting the row max changes nothing but avoids overflow."""
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
     shifted = scores - scores.amax(dim=dim, keepdim=True)
     e = shifted.exp()
     return e / e.sum(dim=dim, keepdim=True)
@@ -47,6 +49,11 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, nh, T, hs), got shapes {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.size(-1) != k.size(-1):
+        raise ValueError(f"q, k, v must agree on batch, heads and head size (k and v also on length), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     T, S = q.size(-2), k.size(-2)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, S)
     allowed = causal_mask(T, S, q.device) if causal else None  # (T, S)

@@ -151,6 +151,8 @@ def layer_activation_bytes(s: int, b: int, h: int, a: int, *, bytes_per_el: int 
     core: "sdpa" (fused F.scaled_dot_product_attention, the model's default) or "matmul"
     (MatmulAttention). device: "cpu" or "cuda" (dropout-mask and LayerNorm-statistics dtypes differ).
     """
+    for name, v in (("s", s), ("b", b), ("h", h), ("a", a)):
+        _positive(name, v)
     if core not in ("sdpa", "matmul"):
         raise ValueError(f"core must be 'sdpa' or 'matmul', got {core!r}")
     if device not in ("cpu", "cuda"):
@@ -191,6 +193,8 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, recompute: str = "no
 
     none: sbh(34 + 5as/h); selective (attention core recomputed): 34sbh; full: 2sbh (layer input).
     """
+    for name, v in (("s", s), ("b", b), ("h", h), ("a", a)):
+        _positive(name, v)
     if recompute == "none":
         return round(s * b * h * (34 + 5 * a * s / h))
     if recompute == "selective":
@@ -203,6 +207,8 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, recompute: str = "no
 def korthikanti_flops(s: int, b: int, h: int, n_layer: int, vocab: int, recompute: str = "none") -> float:
     """FLOPs per iteration, Korthikanti et al. 2022 appendix: 72·b·s·l·h²(1 + s/6h + V/12hl) without
     recomputation; selective recompute is counted as s/3h, full recompute as 96·b·s·l·h²(1 + s/6h + V/16lh)."""
+    for name, v in (("s", s), ("b", b), ("h", h), ("n_layer", n_layer), ("vocab", vocab)):
+        _positive(name, v)
     base = 72 * b * s * n_layer * h * h
     if recompute == "none":
         return base * (1 + s / (6 * h) + vocab / (12 * h * n_layer))
@@ -244,3 +250,29 @@ def core_attention_layer_bytes(s: int, b: int, h: int, a: int, *, bytes_per_el: 
     if core == "sdpa" and not (dropout and device == "cpu"):
         return sum(parts.values())
     return sum(parts.values()) - parts["attention core"] + 3 * s * b * h * bytes_per_el
+
+
+# ----------------------------------------------------------------------------- published reference points
+
+# GPT-3 175B (Brown et al. 2020): parameters and layout from Table 2.1, tokens from §2.2, training compute
+# from Table D.1 (3.64e3 PF-days = 3.14e23 FLOPs). Cited, not recomputed; tests check 6·N·D against it.
+GPT3_175B = {"params": 174.6e9, "n_layer": 96, "n_embd": 12288, "n_head": 96, "seq_len": 2048,
+             "tokens": 300e9, "train_flops": 3.14e23}
+
+
+def gpu_days(flops: float, peak_flops: float, utilisation: float = 1.0) -> float:
+    """Days one device needs for `flops` at `utilisation` of its peak: a lower bound at utilisation 1."""
+    _positive("flops", flops, integer=False)
+    _positive("peak_flops", peak_flops, integer=False)
+    if not 0 < utilisation <= 1:
+        raise ValueError(f"utilisation must be in (0, 1], got {utilisation!r}")
+    return flops / (peak_flops * utilisation) / 86400
+
+
+def score_matrix_bytes(seq_len: int, n_head: int, batch: int = 1, n_layer: int = 1, bytes_per_el: int = 2) -> int:
+    """Bytes of the attention score matrices QK^T of every head and layer, if stored: L·a·b·s²·e
+    (one copy; Korthikanti et al.'s 5as²b per layer counts the softmax, its dropout mask and output)."""
+    for name, v in (("seq_len", seq_len), ("n_head", n_head), ("batch", batch), ("n_layer", n_layer),
+                    ("bytes_per_el", bytes_per_el)):
+        _positive(name, v)
+    return n_layer * n_head * batch * seq_len * seq_len * bytes_per_el

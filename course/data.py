@@ -102,6 +102,18 @@ class _Specials:
     pad_id, unk_id, cls_id, sep_id, mask_id = range(len(SPECIAL_TOKENS))
     special_ids = frozenset(range(len(SPECIAL_TOKENS)))
 
+    @staticmethod
+    def _check_text(text) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}"
+                            + ("; decode bytes first, e.g. data.decode('utf-8')" if isinstance(text, bytes) else ""))
+
+    def _check_id(self, i) -> int:
+        i = int(i)
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        return i
+
 
 class CharTokenizer(_Specials):
     """One id per character; unseen characters map to [UNK]."""
@@ -122,10 +134,11 @@ class CharTokenizer(_Specials):
         return len(SPECIAL_TOKENS) + len(self.chars)
 
     def encode(self, text: str) -> list[int]:
+        self._check_text(text)
         return [self.stoi.get(ch, self.unk_id) for ch in text]
 
     def decode(self, ids) -> str:
-        return "".join(self.itos[int(i)] for i in ids)
+        return "".join(self.itos[self._check_id(i)] for i in ids)
 
     def __repr__(self):
         return f"CharTokenizer(vocab_size={self.vocab_size}: {len(SPECIAL_TOKENS)} special + {len(self.chars)} characters)"
@@ -152,8 +165,8 @@ class BPETokenizer(_Specials):
         base = len(SPECIAL_TOKENS) + 256
         if not text:
             raise ValueError("text must be non-empty to train a tokenizer")
-        if vocab_size < base:
-            raise ValueError(f"vocab_size must be >= {base} (5 special + 256 bytes), got {vocab_size}")
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < base:
+            raise ValueError(f"vocab_size must be an integer >= {base} (5 special + 256 bytes), got {vocab_size!r}")
         counts = Counter(_PRETOKEN.findall(text))
         words = [[len(SPECIAL_TOKENS) + b for b in w.encode("utf-8")] for w in counts]
         freqs = list(counts.values())
@@ -200,12 +213,13 @@ class BPETokenizer(_Specials):
         return ids
 
     def encode(self, text: str) -> list[int]:
+        self._check_text(text)
         return [i for word in _PRETOKEN.findall(text) for i in self._encode_word(word)]
 
     def decode(self, ids) -> str:
         out = b""
         for i in ids:
-            i = int(i)
+            i = self._check_id(i)
             out += SPECIAL_TOKENS[i].encode() if i in self.special_ids else self.vocab[i]
         return out.decode("utf-8", errors="replace")
 
@@ -239,8 +253,9 @@ class TextData:
         """Random windows: x (B, T) and y = x shifted left by one (next-token targets)."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if batch_size <= 0 or block_size <= 0:
-            raise ValueError(f"batch_size and block_size must be positive, got {batch_size}, {block_size}")
+        for name, v in (("batch_size", batch_size), ("block_size", block_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         data = self.train if split == "train" else self.val
         if len(data) <= block_size + 1:
             raise ValueError(f"block_size={block_size} is too long for the {split} split ({len(data)} tokens)")

@@ -92,6 +92,9 @@ PROFILES = {
 def profile(name: str | None = None, device: torch.device | str | None = None) -> Profile:
     """The size profile for this machine: 'gpu' on CUDA, 'cpu' otherwise ($COURSE_PROFILE overrides)."""
     dev = torch.device(device) if device is not None else pick_device()
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: CUDA is not available on this machine (torch {torch.__version__}); "
+                         f"use device='cpu' or None to pick what is there")
     name = name or os.environ.get("COURSE_PROFILE") or ("gpu" if dev.type == "cuda" else "cpu")
     if name not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {name!r}")

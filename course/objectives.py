@@ -128,8 +128,11 @@ def prefix_lm_targets(y: torch.Tensor, prefix_len) -> torch.Tensor:
 
     Position t predicts token t+1; inside the prefix that token is visible to position t
     (bidirectional), so only positions t >= prefix_len - 1 keep their target."""
-    t = torch.arange(y.size(1), device=y.device)
+    T = y.size(1)
     p = torch.as_tensor(prefix_len, device=y.device).reshape(-1, 1)  # (B or 1, 1)
+    if ((p < 0) | (p > T)).any():  # a longer prefix would leave no target at all (a NaN loss)
+        raise ValueError(f"prefix_len must be in [0, T={T}], got {prefix_len}")
+    t = torch.arange(T, device=y.device)
     return torch.where(t[None, :] >= p - 1, y, torch.full_like(y, -100))
 
 

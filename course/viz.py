@@ -34,33 +34,44 @@ def plot_attention(weights, tokens=None, ax=None, title: str | None = None, colo
     return ax
 
 
-def attention_grid(maps, tokens=None, title: str | None = None, max_heads: int = 8):
-    """Every layer (rows) and head (columns) of maps (L, H, T, T)."""
+def attention_grid(maps, tokens=None, title: str | None = None, max_heads: int = 8, max_ticks: int = 40):
+    """Every layer (rows) and head (columns) of maps (L, H, T, T), on one colour scale with a colorbar.
+
+    With `tokens` (at most `max_ticks` of them) the first column and the last row carry the tokens as
+    tick labels (queries down the side, keys along the bottom)."""
     m = torch.as_tensor(maps).detach().float().cpu()
     if m.dim() != 4:
         raise ValueError(f"maps must be (layers, heads, T, T), got shape {tuple(m.shape)}")
     L, H = m.shape[:2]
     H = min(H, max_heads)
-    fig, axes = plt.subplots(L, H, figsize=(1.9 * H, 1.9 * L), squeeze=False)
     labels = _labels(tokens, m.size(-1))
+    ticks = labels is not None and len(labels) <= max_ticks
+    cell = 2.3 if ticks else 1.9
+    fig, axes = plt.subplots(L, H, figsize=(cell * H + 1.2, cell * L), squeeze=False)
+    vmax = max(float(m[:, :H].max()), 1e-9)
     for l in range(L):
         for h in range(H):
             ax = axes[l][h]
-            ax.imshow(m[l, h].numpy(), cmap="viridis", vmin=0.0)
+            im = ax.imshow(m[l, h].numpy(), cmap="viridis", vmin=0.0, vmax=vmax)
             ax.set_xticks([])
             ax.set_yticks([])
+            if ticks and h == 0:
+                ax.set_yticks(range(len(labels)), labels, fontsize=5)
+            if ticks and l == L - 1:
+                ax.set_xticks(range(len(labels)), labels, fontsize=5, rotation=90)
             if l == 0:
                 ax.set_title(f"head {h}", fontsize=9)
             if h == 0:
                 ax.set_ylabel(f"layer {l}\nquery", fontsize=9)
             if l == L - 1:
                 ax.set_xlabel("key", fontsize=9)
-    if labels is not None:
+    if labels is not None and not ticks:
         short = "".join(labels) if all(len(x) == 1 for x in labels) else " ".join(labels)
         fig.text(0.5, 0.005, f"tokens: {short[:120]}", ha="center", fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="attention weight")
     return fig
 
 

@@ -2,6 +2,7 @@
 
     python tools/nb.py build lesson.py notebooks/03_x.ipynb   # '# %%' code cells, '# %% [markdown]' text
     python tools/nb.py run notebooks/03_x.ipynb               # execute top to bottom, save outputs
+    python tools/nb.py export notebooks/03_x.ipynb lesson.py  # the notebook back as a percent script
 
 Markdown cells are written as comment lines ('# ' stripped). Notebooks are committed executed.
 """
@@ -38,6 +39,19 @@ def build(src: str, dst: str) -> None:
     nbformat.write(nb, dst)
 
 
+def export(src: str, dst: str) -> None:
+    """Inverse of build: code cells as '# %%' blocks, markdown cells as '# %% [markdown]' comment blocks."""
+    nb = nbformat.read(src, as_version=4)
+    parts = []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            body = "\n".join(("# " + l) if l else "#" for l in cell.source.splitlines())
+            parts.append("# %% [markdown]\n" + body)
+        elif cell.cell_type == "code":
+            parts.append("# %%\n" + cell.source)
+    open(dst, "w").write("\n\n".join(parts) + "\n")
+
+
 def run(path: str, timeout: int = 1200) -> None:
     """Execute cell by cell (printing each code cell's seconds), then save with outputs."""
     nb = nbformat.read(path, as_version=4)
@@ -55,4 +69,4 @@ def run(path: str, timeout: int = 1200) -> None:
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"build": build, "run": run}[cmd](*args)
+    {"build": build, "run": run, "export": export}[cmd](*args)

@@ -175,3 +175,42 @@ def explore_attention(model, tokenizer, text: str, layer: int, head: int, ax=Non
         from ..viz import plot_attention
         view.ax = plot_attention(weights, tokens, ax=ax, title=f"layer {layer}, head {head}")
     return view
+
+
+def plot_cost_scaling(rows: list[dict], n_head: int):
+    """Measured forward time and score-matrix bytes against T (log-log) with T² guides; returns
+    (figure, fitted time slope, fitted bytes slope)."""
+    import matplotlib.pyplot as plt
+    Ts = [r["T"] for r in rows]
+    secs = [r["seconds"] for r in rows]
+    nbytes = [r["score_bytes"] for r in rows]
+    time_slope, _ = loglog_slope(Ts, secs)
+    byte_slope, _ = loglog_slope(Ts, nbytes)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.loglog(Ts, secs, "o-", label=f"measured (fitted slope {time_slope:.2f})")
+    ax1.loglog(Ts, [secs[-1] * (t / Ts[-1]) ** 2 for t in Ts], "k--", alpha=0.6, label="∝ T² through the largest T")
+    ax1.set(xlabel="sequence length T (tokens)", ylabel="forward time (s)", title="time of one attention forward")
+    ax2.loglog(Ts, [b / 2**20 for b in nbytes], "o-", color="C1", label=f"measured (slope {byte_slope:.2f})")
+    ax2.loglog(Ts, [nbytes[0] / 2**20 * (t / Ts[0]) ** 2 for t in Ts], "k--", alpha=0.6, label="∝ T²")
+    itemsize = nbytes[0] // (n_head * Ts[0] ** 2)
+    ax2.set(xlabel="sequence length T (tokens)", ylabel="score matrix size (MiB)",
+            title=f"1 sequence × {n_head} heads × T × T × {itemsize} bytes")
+    for ax in (ax1, ax2):
+        ax.set_xticks(Ts, [f"{t:,}" for t in Ts])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    return fig, time_slope, byte_slope
+
+
+def attention_explorer(model, tokenizer, sentences, n_layer: int, n_head: int):
+    """The lesson's ipywidgets explorer around explore_attention (layer, head, sentence)."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    def show(layer, head, text):
+        explore_attention(model, tokenizer, text, layer, head, ax=plt.subplots(figsize=(6, 5.5))[1])
+        plt.show()
+    return widgets.interactive(show, layer=widgets.IntSlider(0, 0, n_layer - 1),
+                               head=widgets.IntSlider(0, 0, n_head - 1), text=widgets.Dropdown(options=sentences))

@@ -62,3 +62,54 @@ def vocabulary(text: str) -> set[str]:
     if not text:
         raise ValueError("vocabulary: text is empty; pass the (non-empty) training corpus")
     return {w.lower() for w in _WORD.findall(text)}
+
+
+def corruption_demo(sentence: str, tok, seed: int = 10) -> list[str]:
+    """What each objective sees and scores for one sentence: GPT's shifted targets, BERT's 80/10/10."""
+    from .. import objectives as ob
+    x = torch.tensor([tok.encode(sentence)])
+    gpt_in, gpt_tgt = ob.causal_lm_targets(x)
+    show = lambda ids: "".join("·" if i == -100 else ("#" if i == tok.mask_id else tok.decode([i])) for i in ids.tolist())
+    wrapped = ob.add_special_tokens(x, tok)  # [CLS] sentence [SEP]
+    bert_in, bert_lab = ob.mask_tokens(wrapped, tok, rate=0.15, generator=torch.Generator().manual_seed(seed))
+    sel = bert_lab[0] != -100
+    n_mask = ((bert_in[0] == tok.mask_id) & sel).sum().item()
+    n_random = (sel & (bert_in[0] != wrapped[0]) & (bert_in[0] != tok.mask_id)).sum().item()
+    n_kept = (sel & (bert_in[0] == wrapped[0])).sum().item()
+    return [f"GPT  input  : {show(gpt_in[0])}",
+            f"GPT  target : {show(gpt_tgt[0])}   (every position predicts the next character)",
+            f"BERT input  : {show(bert_in[0, 1:-1])}   (# = [MASK]; [CLS] and [SEP] around it not shown)",
+            f"BERT labels : {show(bert_lab[0, 1:-1])}   (· = no loss here)",
+            f"selected {sel.sum().item()} of {len(sentence)}: {n_mask} -> [MASK], {n_random} -> random, "
+            f"{n_kept} kept; GPT scores all {gpt_tgt.numel()} positions"]
+
+
+def compare_models(gpt, bert, data, length: int, device=None) -> dict:
+    """The lesson's table: perplexity, real words in generations, one-pass and rescoring cloze accuracy."""
+    from .. import objectives as ob
+    from ..data import load_corpus
+    tok = data.tokenizer
+    x_val, _ = data.batch("val", 64, length + 1, generator=torch.Generator().manual_seed(1), device=device)
+    ppl = {"GPT": ob.perplexity(gpt, x_val), "BERT": ob.perplexity(bert, x_val, tok)}
+    words = vocabulary(load_corpus("pydoc"))
+    prompt = torch.tensor([tok.encode("The return statement ")] * 4, device=device)
+    samples, real = {}, {}
+    for name, model in (("GPT", gpt), ("BERT", bert)):
+        out = ob.generate(model, prompt, 200, tok, temperature=0.8, top_k=20,
+                          generator=torch.Generator(device=device).manual_seed(2))
+        samples[name] = [tok.decode(o[prompt.size(1):].tolist()) for o in out]
+        real[name] = real_word_rate(" ".join(samples[name]), words)
+    items = make_word_start_cloze(data.val, tok, n=1000, length=length, n_candidates=4,
+                                  generator=torch.Generator().manual_seed(3))
+    items = {k: v.to(device) for k, v in items.items()}
+    cloze = {meth: ob.cloze_accuracy(model, items["x"], items["pos"], items["candidates"], items["answer"], meth, tok)
+             for meth, model in (("mask", bert), ("left", gpt), ("rescore", gpt))}
+    return {"ppl": ppl, "real": real, "cloze": cloze, "samples": samples}
+
+
+def table(res: dict) -> str:
+    rows = [("validation perplexity (next char, lower is better)", f"{res['ppl']['GPT']:.2f}", f"{res['ppl']['BERT']:.2f}"),
+            ("generated words found in the training text", f"{res['real']['GPT']:.0%}", f"{res['real']['BERT']:.0%}"),
+            ("cloze accuracy, 4 choices, one pass", f"{res['cloze']['left']:.0%} (left only)", f"{res['cloze']['mask']:.0%}"),
+            ("cloze accuracy, GPT rescoring (4 passes)", f"{res['cloze']['rescore']:.0%}", "-")]
+    return "\n".join([f"{'':52s} {'GPT':>18s} {'BERT':>8s}"] + [f"{a:52s} {b:>18s} {c:>8s}" for a, b, c in rows])

@@ -74,3 +74,38 @@ def plot_memory(measured: dict[int, dict], ax=None):
     ax.set_ylabel("model state per rank (MB)")
     ax.legend(fontsize=8)
     return ax
+
+
+def largest_gaps(curves: dict[int, dict]) -> dict[str, float]:
+    """Largest |loss| and |parameter| difference of every run against the first (one rank)."""
+    base = curves[min(curves)]
+    others = [r for n, r in curves.items() if n != min(curves)]
+    loss = max(abs(a - b) for r in others for a, b in zip(base["losses"], r["losses"]))
+    params = max((base["state"][k] - r["state"][k]).abs().max().item() for r in others for k in base["state"])
+    return {"loss": loss, "params": params}
+
+
+def _backward_end(spans) -> float:
+    return max(end for kind, name, start, end in spans if name == "backward")
+
+
+def comm_after_backward(spans) -> bool:
+    """Every communication span starts after backward's last gradient."""
+    return all(start >= _backward_end(spans) for kind, _, start, _ in spans if kind == "comm")
+
+
+def comm_inside_backward(spans) -> bool:
+    """Several communication spans, the first one starting before backward ends (overlap)."""
+    starts = [start for kind, _, start, _ in spans if kind == "comm"]
+    return len(starts) > 1 and min(starts) < _backward_end(spans)
+
+
+def gpt3_all_reduce_sentence(n_params: float, world: int, link_gb_s: float, bytes_per_grad: int = 2) -> str:
+    """The all-reduce of a GPT-3-sized gradient per rank per step, and its time at a link bandwidth."""
+    from ..costs import ring_bytes
+    sent = ring_bytes("all_reduce", n_params * bytes_per_grad, world)
+    return (f"All-reducing {n_params / 1e9:.1f}B 16-bit gradients over {world:,} data-parallel ranks sends "
+            f"2(N−1)/N·Ψ·2 = {sent / 1e9:,.0f} GB per rank per step; at {link_gb_s:.0f} GB/s (one 400 Gb/s "
+            f"InfiniBand NDR link) that is {sent / (link_gb_s * 1e9):.0f} s per step, every step. That is why "
+            f"GPT-3-scale training splits the model itself across GPUs (tensor and pipeline parallelism, "
+            f"chapters 06–08) and uses data parallelism only for the outermost dimension.")

@@ -101,3 +101,139 @@ def core_recompute_costs(batch: int, n_head: int, seq_len: int, head_size: int, 
            "dropout (mask + scale)": lambda: torch.nn.functional.dropout(probs, dropout, True),
            "attention over V (bmm)": lambda: probs @ q}
     return {name: time_it(fn, repeats=repeats, device=dev) * 1e3 for name, fn in ops.items()}
+
+
+# ----------------------------------------------------------------------------- figures
+
+# What the backward nodes in a saved-tensor report hold, in words (autograd names them after ATen ops)
+OP_LABELS = {"addmm": "linear layers' inputs (addmm)", "mm": "linear inputs without bias (mm)",
+             "native_layer_norm": "LayerNorm input + mean, 1/std", "gelu": "GELU input",
+             "scaled_dot_product_flash_attention_for_cpu": "fused attention q, k, v, output, LSE",
+             "softmax": "softmax output", "bmm": "attention matmul inputs (bmm)",
+             "native_dropout": "dropout mask", "mul": "dropout mask (mul)", "embedding": "token ids (embedding)",
+             "log_softmax": "log-softmax of the logits", "nll_loss": "targets (cross-entropy)"}
+
+
+def op_label(op: str) -> str:
+    return OP_LABELS.get(op, op)
+
+
+def plot_peak_breakdown(step, report, title: str):
+    """One horizontal bar: the step's peak split into weights / gradients / optimizer state and the
+    activations by the backward op that holds them (largest five), plus logits and temporaries."""
+    import matplotlib.pyplot as plt
+    parts = {k: v for k, v in step.at_peak.items() if k != "activations & temporaries"}
+    top = {op_label(k): v for k, v in list(report.by_op().items())[:5]}
+    top["other saved tensors"] = report.total - sum(top.values())
+    top["logits, temporaries"] = step.at_peak["activations & temporaries"] - report.total
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    left = 0
+    for name, nbytes in list(parts.items()) + [(f"act: {k}", v) for k, v in top.items()]:
+        ax.barh(0, nbytes / 2**20, left=left, label=name)
+        left += nbytes / 2**20
+    ax.set_yticks([])
+    ax.set_xlabel("MiB alive at the peak of one training step")
+    ax.set_title(title)
+    ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    fig.tight_layout()
+    return fig
+
+
+def plot_policies(results, plan_of, fixed_bytes: float, title: str):
+    """Measured (filled) and analytic (hollow) points: peak memory against step time per policy.
+    plan_of(policy spec) -> course.recompute.plan dict; fixed_bytes = what no policy changes."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(results):
+        theory = plan_of(r.policy)
+        ax.scatter(r.time_ratio, r.peak / 2**20, s=60, c=f"C{i}", label=f"{r.policy}: measured / analytic")
+        ax.scatter(1 + theory["extra compute"], (fixed_bytes + theory["activations peak"] * 2**30) / 2**20, s=60,
+                   facecolors="none", edgecolors=f"C{i}")
+    ax.axvline(1.0, ls=":", c="gray")
+    ax.set_xlabel("step time relative to no recomputation")
+    ax.set_ylabel("peak memory of the step (MiB)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_written_out(written, costs: dict, device_type: str, target=(0.40, 1.10), title: str = ""):
+    """Left: activations kept against step time, with the target region (saved share, time ratio)
+    shaded and the identical-model control marking the timing noise. Right: ms per op of one core."""
+    import matplotlib.pyplot as plt
+    none = next(r for r in written if r.policy == "none")
+    control = next((r for r in written if r.policy.endswith("#control")), None)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    ax1.fill_between([1.0, target[1]], 0, (1 - target[0]) * none.activations / 2**20, color="C2", alpha=0.12,
+                     label=f"target: >= {target[0]:.0%} saved at <= {target[1]:.2f}x time")
+    if control is not None:
+        lo, hi = sorted((1.0, control.time_ratio))
+        ax1.axvspan(2 - hi if hi > 1 else lo, hi, color="gray", alpha=0.15, label="timing noise (control)")
+    for i, r in enumerate(written):
+        ax1.scatter(r.time_ratio, r.activations / 2**20, s=60, c=f"C{i}", label=r.policy)
+    ax1.set_xlabel("step time relative to no recomputation")
+    ax1.set_ylabel("activations kept (MiB)")
+    ax1.set_ylim(0, None)
+    ax1.set_title(title)
+    ax1.legend(fontsize=7)
+    ax2.barh(list(costs), list(costs.values()), color="C7")
+    ax2.set_xlabel("ms per call, one block")
+    ax2.set_title(f"what recomputing the core repeats ({device_type})")
+    fig.tight_layout()
+    return fig
+
+
+def layer_curves(C: int, H: int, seqs, batches, device=None) -> dict:
+    """Measured bytes one block saves, for both attention cores, against s (b = 1) and b (s = 256)."""
+    from ..measure import measured_layer_bytes
+    return {core: ([measured_layer_bytes(C, H, s, 1, core, device=device) for s in seqs],
+                   [measured_layer_bytes(C, H, 256, b, core, device=device) for b in batches])
+            for core in ("sdpa", "matmul")}
+
+
+def plot_layer_curves(curves: dict, C: int, H: int, seqs, batches):
+    """Measured points and analytic lines (course.costs.layer_activation_bytes)."""
+    import matplotlib.pyplot as plt
+    from ..costs import layer_activation_bytes
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for core, (by_s, by_b) in curves.items():
+        label, color = {"sdpa": ("fused SDPA", "C0"), "matmul": ("written-out attention", "C3")}[core]
+        an_s = [sum(layer_activation_bytes(s, 1, C, H, core=core).values()) for s in seqs]
+        an_b = [sum(layer_activation_bytes(256, b, C, H, core=core).values()) for b in batches]
+        for ax, xs, an, got in ((axes[0], seqs, an_s, by_s), (axes[1], batches, an_b, by_b)):
+            ax.plot(xs, [v / 2**20 for v in an], "-", c=color, label=f"{label}, analytic")
+            ax.plot(xs, [v / 2**20 for v in got], "o", c=color, label=f"{label}, measured")
+    axes[0].set_xlabel("sequence length s (tokens, batch 1)")
+    axes[1].set_xlabel("batch b (sequences, s = 256)")
+    for ax in axes:
+        ax.set_ylabel("MiB saved by one block")
+        ax.legend(fontsize=8)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_yscale("log", base=2)
+    axes[0].set_xticks(list(seqs), [f"{s:,}" for s in seqs])
+    fig.tight_layout()
+    return fig
+
+
+def plan_line(n_layer=24, n_embd=2048, n_head=16, seq_len=2048, batch=8, policy="none", k=2, core="sdpa") -> str:
+    """One line of course.recompute.plan for the planner widget (and its static fallback)."""
+    from ..recompute import plan
+    p = plan(n_layer, n_embd, n_head, seq_len, batch, policy, k=k if policy == "every-k" else None, core=core)
+    return (f"{p['params'] / 1e9:.2f} B params | weights {p['weights']:.1f} + grads {p['gradients']:.1f} + "
+            f"AdamW {p['optimizer state']:.1f} GiB | activations kept {p['activations kept']:.1f}, peak "
+            f"{p['activations peak']:.1f} GiB | total {p['total']:.1f} GiB | extra compute {p['extra compute']:.1%}")
+
+
+def planner():
+    """The ipywidgets planner around plan_line (errors are printed, not swallowed)."""
+    import ipywidgets as w
+
+    def show(**kw):
+        try:
+            print(plan_line(**kw))
+        except ValueError as e:
+            print(f"not possible: {e}")
+    from ..recompute import POLICIES
+    return w.interactive(show, n_layer=(2, 128, 2), n_embd=(256, 16384, 256), n_head=(4, 128, 4),
+                         seq_len=(256, 32768, 256), batch=(1, 64), policy=list(POLICIES), k=(1, 16),
+                         core=["sdpa", "matmul"])

@@ -66,6 +66,7 @@ def explore(pattern: str = "bigbird", seq_len: int = 1024, block_size: int = 64,
             pass
     b.loglog(lens, [c.dense_flops / 1e9 for c in costs], "o-", label="dense")
     b.loglog(lens, [c.sparse_flops / 1e9 for c in costs], "s-", label="block-sparse tiles")
+    _length_ticks(b, lens)
     b.set_xlabel("sequence length (tokens)")
     b.set_ylabel("attention fwd+bwd (GFLOP)")
     b.set_title(f"{n_heads} heads, head dim {head_dim}", fontsize=9)
@@ -94,12 +95,18 @@ def explorer():
                          seed=w.IntText(value=0))
 
 
+def _length_ticks(ax, lengths):
+    """Readable log-axis ticks: the measured lengths themselves, no minor labels."""
+    ax.set_xticks(list(lengths), [f"{int(t):,}" for t in lengths], fontsize=7)
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+
+
 def plot_scaling(rows: list[dict], make, n_heads: int = 4, head_dim: int = 64, flex: dict | None = None):
     """Measured time and peak memory vs length (log-log), with FLOP-proportional theory curves
-    anchored at the longest measured point of each kernel."""
+    anchored at the longest measured point of each kernel; forward-only times on a panel of their own."""
     T = np.array([r["seq_len"] for r in rows])
     cost = [attention_cost(make(int(t)), n_heads, head_dim) for t in T]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.9), gridspec_kw={"width_ratios": [1.2, 1.2, 0.9]})
     for key, flops_key, label, mark in (("dense_s", "dense_flops", "dense masked SDPA", "o"),
                                         ("sparse_s", "sparse_flops", "block-sparse (ours)", "s")):
         have = [i for i, r in enumerate(rows) if key in r]
@@ -107,25 +114,42 @@ def plot_scaling(rows: list[dict], make, n_heads: int = 4, head_dim: int = 64, f
         f = np.array([getattr(cost[i], flops_key) for i in have])
         line, = a.loglog(t, y, mark + "-", label=f"{label}, measured")
         a.loglog(t, f * y[-1] / f[-1], ":", color=line.get_color(), label=f"{label}, ∝ FLOPs")
-    if flex:
-        a.loglog(list(flex), list(flex.values()), "^", ms=9, label="compiled FlexAttention (forward only)")
     a.set_xlabel("sequence length (tokens)")
     a.set_ylabel("forward + backward time (s)")
     a.legend(fontsize=7)
-    a.grid(alpha=0.3, which="both")
     for key, label, mark in (("dense_peak_bytes", "dense masked SDPA", "o"),
                              ("sparse_peak_bytes", "block-sparse", "s")):
         have = [r for r in rows if key in r]
         if have:
-            b.loglog([r["seq_len"] for r in have], [r[key] / 2**20 for r in have], mark + "-", label=label)
-    b.loglog(T, [c.dense_score_bytes / 2**20 for c in cost], ":", label="T² score matrix (theory)")
-    b.loglog(T, [c.sparse_bytes / 2**20 for c in cost], "--", label="kept tiles + gathered K,V (theory)")
+            b.loglog([r["seq_len"] for r in have], [r[key] / 2**20 for r in have], mark + "-", label=f"{label}, measured")
+    b.loglog(T, [cb.dense_score_bytes / 2**20 for cb in cost], ":", label="T² score matrix, forward (theory)")
+    b.loglog(T, [cb.sparse_bytes / 2**20 for cb in cost], "--", label="kept tiles + gathered K,V, forward (theory)")
     b.set_xlabel("sequence length (tokens)")
-    b.set_ylabel("peak memory (MiB)")
+    b.set_ylabel("peak memory of fwd + bwd (MiB)")
     b.legend(fontsize=7)
-    b.grid(alpha=0.3, which="both")
+    c.loglog(T, [r["sparse_fwd_s"] for r in rows], "s-", color="C1", label="block-sparse (ours)")
+    if flex:
+        c.loglog(list(flex), list(flex.values()), "^", ms=9, color="C2", label="compiled FlexAttention")
+    c.set_xlabel("sequence length (tokens)")
+    c.set_ylabel("forward-only time (s)")
+    c.legend(fontsize=7)
+    for ax in (a, b, c):
+        _length_ticks(ax, T)
+        ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
+
+
+def scaling_summary(rows: list[dict], make, n_heads: int = 4, head_dim: int = 64) -> dict:
+    """What the prose of the scaling section says, from the measurement: crossover, shortest length's
+    tile share and speed ratio, longest length's speed and memory ratios."""
+    both = [r for r in rows if "dense_s" in r]
+    first, last = both[0], both[-1]
+    return {"crossover": crossover(rows), "first_T": first["seq_len"],
+            "first_tiles": attention_cost(make(first["seq_len"]), n_heads, head_dim).density,
+            "first_speedup": first["dense_s"] / first["sparse_s"], "last_T": last["seq_len"],
+            "last_speedup": last["dense_s"] / last["sparse_s"],
+            "last_memory_ratio": last["dense_peak_bytes"] / last["sparse_peak_bytes"]}
 
 
 def sparse_gpt(config, make_pattern_for_layer):

@@ -188,14 +188,16 @@ def run(setup: Setup, strategy: str = "bucketed", measure_step: int | None = Non
     def hook(event, state):
         if event == "after_step" and state.step == at - 1:
             comm.reset()  # count exactly the measured step
+            seen["start"] = comm.now()
         if event == "after_backward" and state.step == at:
             seen["memory"] = {**state_bytes(model, state.optimizer), "grad_norm": None}
         if event == "after_step" and state.step == at:
             seen["memory"]["grad_norm"] = state.grad_norm
             seen["comm"], seen["spans"] = comm.summary(), list(comm.spans)
-            seen["step_s"] = state.history.tokens_per_s and 1 / state.history.tokens_per_s[-1]
+            seen["step_s"] = comm.now() - seen["start"]
     if at == 0:
         comm.reset()
+        seen["start"] = comm.now()
     t = time.perf_counter()
     hist = train(model, batch_fn(setup, rank, world), setup.train_config(), comm=comm, hooks=[hook])
     counted = strategy not in ("ddp", "fsdp2")  # torch's own collectives are not seen by Comm
@@ -203,6 +205,7 @@ def run(setup: Setup, strategy: str = "bucketed", measure_step: int | None = Non
     return {"strategy": strategy, "rank": rank, "world": world, "losses": hist.train_loss,
             "grad_norms": hist.grad_norm, "seconds": time.perf_counter() - t,
             "comm": seen["comm"] if counted else None, "spans": seen["spans"], "memory": seen["memory"],
+            "step_s": seen["step_s"],
             "psi": psi, "state": full_state(model)}  # the state last: gathering it is not training traffic
 
 

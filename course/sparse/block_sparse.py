@@ -35,6 +35,9 @@ def _check_inputs(q, k, v, layout, block_size):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must all be (batch, heads, seq, head_dim) of one shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share one dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+                         f"{q.device}/{k.device}/{v.device}")
     if layout.dtype != torch.bool or layout.dim() not in (2, 3) or layout.size(-1) != layout.size(-2):
         raise ValueError(f"layout must be a bool tensor (heads, n_blocks, n_blocks) or (n_blocks, n_blocks), "
                          f"got {layout.dtype} {tuple(layout.shape)}")
@@ -273,6 +276,9 @@ class BlockSparseAttention(nn.Module):
     def forward(self, q, k, v, causal: bool, attn_mask=None, dropout_p: float = 0.0):
         # q, k, v: (B, nh, T, hs)
         p = self.pattern_for(q.size(-2))
+        if p.n_heads not in (1, q.size(1)):
+            raise ValueError(f"the pattern {p.name!r} has a layout for {p.n_heads} heads, but this attention layer has "
+                             f"{q.size(1)}: build it with n_heads=1 (shared) or n_heads={q.size(1)}")
         causal = causal or p.causal
         if attn_mask is not None:
             mask = p.dense_mask(q.size(1)).to(q.device) & attn_mask
