@@ -92,8 +92,9 @@ def _explain_difference(cases, got, want) -> str | None:
                          f"recomputes the scores from q, k, v in backward")
             continue
         where = why.get(abs(k), "")
-        parts.append(f"{'too many' if k > 0 else 'missing'}: {abs(k)}·{label} bytes"
-                     + (f" ({abs(k) // 4}·{label} fp32 elements)" if k % 4 == 0 else "") + (f": {where}" if where else ""))
+        amount = f"{abs(k)}·{label} bytes" + (f" ({abs(k) // 4}·{label} fp32 elements)" if k % 4 == 0 else "")
+        parts.append((f"you count {amount} too many" if k > 0 else f"you are missing {amount}")
+                     + (f", {where}" if where else ""))
     return "; ".join(parts)
 
 
@@ -116,7 +117,7 @@ def check_block_bytes(fn, rng, gen):
     explained = _explain_difference(cases, got, want)
     i = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
     detail = f"block_bytes{cases[i]} = {got[i]:,}, expected {want[i]:,}"
-    raise Hint(f"{detail}. {explained}" if explained else
+    raise Hint(f"{detail}: {explained}" if explained else
                f"{detail}: expect 16·sbh fp32 elements plus the LayerNorm statistics and the attention log-sum-exp")
 
 

@@ -20,7 +20,7 @@ from course.costs import model_state_bytes
 from course.parallel.comm import Comm
 from course.parallel.data_parallel import DataParallel
 
-from .core import Hint, Unsolved, call, close, exercise
+from .core import Hint, call, close, exercise
 
 MB = 2**20
 
@@ -208,6 +208,10 @@ def check_bucketed_all_reduce(fn, rng, gen):
             if check(1.0):
                 raise Hint(f"p.grad is still this rank's own gradient{again}: write the all-reduced bucket back "
                            f"into p.grad, after work.wait() (an async all-reduce has finished only then)")
+            if check(1 / comm.world):
+                raise Hint(f"p.grad is this rank's gradient divided by {comm.world}: the all-reduce had not finished "
+                           f"when you read the buffer{again}. Call work.wait() on what all_reduce(..., async_op=True) "
+                           f"returned before using the result")
             raise Hint(f"p.grad is not the average over the ranks{again}")
     return f"{n_cases} models x 2 steps: one all-reduce per bucket, during backward, averaged"
 

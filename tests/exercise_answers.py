@@ -1,0 +1,362 @@
+"""Typical wrong answers to the exercises, each with a piece of the hint its checker must print.
+
+WRONG[exercise id] = [(wrong function, expected hint text), ...]: at least two per exercise.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from course.data import CharTokenizer
+from course.exercises import lesson05
+from course.recompute import segments_for
+
+WRONG: dict[str, list] = {}
+
+
+def wrong(exercise_id: str, hint: str):
+    def register(fn):
+        WRONG.setdefault(exercise_id, []).append((fn, hint))
+        return fn
+    return register
+
+
+# ----------------------------------------------------------------------------- 00 tour
+
+@wrong("00.char_tokenizer", "ids 0-4 are reserved")
+def tokenizer_from_zero(text):
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    return (lambda s: [stoi.get(c, 1) for c in s]), (lambda ids: "".join(chars[i] for i in ids))
+
+
+@wrong("00.char_tokenizer", "raised KeyError")
+def tokenizer_without_unk(text):
+    tok = CharTokenizer.train(text)
+    return (lambda s: [tok.stoi[c] for c in s]), tok.decode
+
+
+@wrong("00.char_tokenizer", "ids follow sorted(set(text))")
+def tokenizer_in_order_of_appearance(text):
+    chars = list(dict.fromkeys(text))
+    stoi = {c: i + 5 for i, c in enumerate(chars)}
+    return (lambda s: [stoi.get(c, 1) for c in s]), (lambda ids: "".join(chars[i - 5] for i in ids))
+
+
+@wrong("00.next_token_targets", "x and y are swapped")
+def targets_swapped(window):
+    return window[:, 1:], window[:, :-1]
+
+
+@wrong("00.next_token_targets", "y equals x")
+def targets_not_shifted(window):
+    return window[:, :-1], window[:, :-1]
+
+
+@wrong("00.next_token_targets", "should have shape")
+def targets_whole_window(window):
+    return window, window.roll(-1, 1)
+
+
+@wrong("00.tokens_per_step", "the factor grad_accum = 7 is missing")
+def tokens_without_accumulation(batch_size, block_size, grad_accum=1, world=1):
+    return batch_size * block_size * world
+
+
+@wrong("00.tokens_per_step", "the factor world = 11 is missing")
+def tokens_of_one_rank(batch_size, block_size, grad_accum=1, world=1):
+    return batch_size * block_size * grad_accum
+
+
+# ----------------------------------------------------------------------------- 01 attention
+
+@wrong("01.causal_mask", "your mask lets token 0 see token 1")
+def mask_upper(T):
+    return torch.ones(T, T, dtype=torch.bool).triu()
+
+
+@wrong("01.causal_mask", "a token must see itself")
+def mask_strict(T):
+    return torch.ones(T, T, dtype=torch.bool).tril(-1)
+
+
+@wrong("01.causal_mask", "dtype torch.bool")
+def mask_float(T):
+    return torch.ones(T, T).tril()
+
+
+@wrong("01.softmax", "overflows")
+def softmax_naive(scores, dim=-1):
+    e = scores.exp()
+    return e / e.sum(dim, keepdim=True)
+
+
+@wrong("01.softmax", "you normalised along dim")
+def softmax_last_dim_only(scores, dim=-1):
+    s = scores - scores.amax(-1, keepdim=True)
+    return s.exp() / s.exp().sum(-1, keepdim=True)
+
+
+@wrong("01.softmax", "changed its input in place")
+def softmax_in_place(scores, dim=-1):
+    scores -= scores.amax(dim, keepdim=True)
+    scores.exp_()
+    return scores / scores.sum(dim, keepdim=True)
+
+
+@wrong("01.self_attention", "did not divide the scores by sqrt(d_k)")
+def attention_unscaled(q, k, v, causal=False):
+    s = q @ k.transpose(-2, -1)
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@wrong("01.self_attention", "with causal=True every query must ignore later keys")
+def attention_ignores_causal(q, k, v, causal=False):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@wrong("01.self_attention", "softmax runs over the queries")
+def attention_wrong_axis(q, k, v, causal=False):
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    return s.softmax(-2).nan_to_num() @ v
+
+
+# ----------------------------------------------------------------------------- 02 BERT vs GPT
+
+def _select(x, tok, rate, generator):
+    specials = torch.tensor(sorted(tok.special_ids))
+    return ~torch.isin(x, specials) & (torch.rand(x.shape, generator=generator) < rate)
+
+
+@wrong("02.mask_tokens", "became [MASK]")
+def mask_everything_selected(x, tok, rate=0.15, generator=None):
+    sel = _select(x, tok, rate, generator)
+    return torch.where(sel, torch.full_like(x, tok.mask_id), x), torch.where(sel, x, torch.full_like(x, -100))
+
+
+@wrong("02.mask_tokens", "labels must be -100")
+def mask_labels_everywhere(x, tok, rate=0.15, generator=None):
+    sel = _select(x, tok, rate, generator)
+    return torch.where(sel, torch.full_like(x, tok.mask_id), x), x.clone()
+
+
+@wrong("02.mask_tokens", "a special token ([CLS], [SEP] or [PAD]) was selected")
+def mask_specials_too(x, tok, rate=0.15, generator=None):
+    sel = torch.rand(x.shape, generator=generator) < rate
+    act = torch.rand(x.shape, generator=generator)
+    rnd = torch.randint(5, tok.vocab_size, x.shape, generator=generator)
+    inputs = torch.where(sel & (act < 0.8), torch.full_like(x, tok.mask_id), x)
+    inputs = torch.where(sel & (act >= 0.8) & (act < 0.9), rnd, inputs)
+    return inputs, torch.where(sel, x, torch.full_like(x, -100))
+
+
+@wrong("02.mask_tokens", "you selected")
+def mask_fixed_rate(x, tok, rate=0.15, generator=None):
+    from course.objectives import mask_tokens
+    return mask_tokens(x, tok, 0.15, generator)  # ignores the rate argument
+
+
+@wrong("02.mask_tokens", "draw every random number from `generator`")
+def mask_ignores_generator(x, tok, rate=0.15, generator=None):
+    from course.objectives import mask_tokens
+    return mask_tokens(x, tok, rate, None)
+
+
+@wrong("02.prefix_lm_mask", "hides key")
+def prefix_causal_only(T, prefix_len):
+    return torch.ones(T, T, dtype=torch.bool).tril()
+
+
+@wrong("02.prefix_lm_mask", "lets query 0 see key")
+def prefix_queries_see_everything(T, prefix_len):
+    i = torch.arange(T)
+    return (i[None, :] <= i[:, None]) | (i[None, :] < prefix_len) | (i[:, None] < prefix_len)
+
+
+# ----------------------------------------------------------------------------- 03 sparse attention
+
+@wrong("03.sliding_window_layout", "is missing, but query")
+def window_diagonal_only(seq_len, window, block_size, causal=False):
+    return torch.eye(math.ceil(seq_len / block_size), dtype=torch.bool)
+
+
+@wrong("03.sliding_window_layout", "all its keys come after its queries")
+def window_ignores_causal(seq_len, window, block_size, causal=False):
+    from course.sparse.patterns import sliding_window
+    return sliding_window(seq_len, window, block_size, causal=False).layout[0]
+
+
+@wrong("03.bigbird_layout", "is a global block: it attends every block")
+def bigbird_no_global_rows(n_blocks, window_blocks, global_blocks, random_blocks):
+    idx = torch.arange(n_blocks)
+    layout = (idx[:, None] - idx[None, :]).abs() <= window_blocks // 2
+    layout[:, global_blocks] = True
+    for i, cols in enumerate(random_blocks):
+        layout[i, list(cols)] = True
+    return layout
+
+
+@wrong("03.bigbird_layout", "is one of random_blocks")
+def bigbird_no_random(n_blocks, window_blocks, global_blocks, random_blocks):
+    idx = torch.arange(n_blocks)
+    layout = (idx[:, None] - idx[None, :]).abs() <= window_blocks // 2
+    layout[global_blocks, :] = True
+    layout[:, global_blocks] = True
+    return layout
+
+
+@wrong("03.strided_mask", "nor a multiple of it")
+def strided_absolute_columns(T, stride):
+    i = torch.arange(T)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & ((d <= stride) | (i[None, :] % stride == 0))  # j mod l, not (i - j) mod l
+
+
+@wrong("03.strided_mask", "the pattern is causal")
+def strided_both_sides(T, stride):
+    i = torch.arange(T)
+    d = (i[:, None] - i[None, :]).abs()
+    return (d <= stride) | (d % stride == 0)
+
+
+# ----------------------------------------------------------------------------- 04 recomputation
+
+@wrong("04.sqrt_segments", "floor(sqrt n)")
+def segments_floor(n):
+    m = max(1, math.isqrt(n))
+    return [(i, min(i + m, n)) for i in range(0, n, m)]
+
+
+@wrong("04.sqrt_segments", "is in no segment")
+def segments_inclusive_stop(n):
+    m = math.ceil(math.sqrt(n))
+    return [(i, min(i + m, n) - 1) for i in range(0, n, m)]
+
+
+@wrong("04.block_bytes", "you are missing 16·s·b·h bytes (4·s·b·h fp32 elements)")
+def bytes_without_gelu(s, b, h, a):
+    return 4 * (12 * s * b * h + 4 * s * b + a * s * b)
+
+
+@wrong("04.block_bytes", "the LayerNorm statistics")
+def bytes_without_stats(s, b, h, a):
+    return 4 * (16 * s * b * h + a * s * b)
+
+
+@wrong("04.block_bytes", "fused attention (SDPA) keeps no s×s matrix")
+def bytes_with_scores(s, b, h, a):
+    return 4 * (16 * s * b * h + 4 * s * b + a * s * b + a * s * s * b)
+
+
+@wrong("04.block_bytes", "elements, not bytes")
+def bytes_as_elements(s, b, h, a):
+    return 16 * s * b * h + 4 * s * b + a * s * b
+
+
+def _plain(blocks, x, a, b):
+    for i in range(a, b):
+        x = blocks[i](x)
+    return x
+
+
+@wrong("04.run_segments", "so backward must recompute it")
+def segments_never_checkpointed(blocks, x, segments):
+    for a, b, _ in segments:
+        x = _plain(blocks, x, a, b)
+    return x
+
+
+@wrong("04.run_segments", "is not checkpointed")
+def segments_all_checkpointed(blocks, x, segments):
+    from torch.utils.checkpoint import checkpoint
+    for a, b, _ in segments:
+        x = checkpoint(_plain, blocks, x, a, b, use_reentrant=False)
+    return x
+
+
+@wrong("04.run_segments", "block 2 ran 0 times")
+def segments_skip_the_last(blocks, x, segments):
+    for a, b, _ in segments[:-1]:
+        x = _plain(blocks, x, a, b)
+    return x
+
+
+# ----------------------------------------------------------------------------- 05 data parallelism
+
+@wrong("05.make_buckets", "walk the parameters in reverse")
+def buckets_forward_order(params, cap_bytes):
+    return lesson05._variant(list(params), cap_bytes, reverse=False)
+
+
+@wrong("05.make_buckets", "size >= cap_bytes")
+def buckets_strict(params, cap_bytes):
+    return lesson05._variant(list(params), cap_bytes, strict=True)
+
+
+@wrong("05.make_buckets", "p.numel() * p.element_size()")
+def buckets_in_elements(params, cap_bytes):
+    return lesson05._variant(list(params), cap_bytes, elements=True)
+
+
+def _hooks(buckets, comm, per_parameter=False, divide=True, in_hook=True, reset=True, wait=True):
+    """A configurable bucketed all-reduce, to build the typical mistakes."""
+    groups = [[p] for b in buckets for p in b] if per_parameter else buckets
+    where = {id(p): g for g, group in enumerate(groups) for p in group}
+    ready, pending = [0] * len(groups), []
+
+    def launch(g):
+        flat = torch.cat([q.grad.flatten() for q in groups[g]])
+        pending.append((g, flat, comm.all_reduce(flat, async_op=True)))
+
+    def hook(p):
+        g = where[id(p)]
+        ready[g] += 1
+        if in_hook and ready[g] == len(groups[g]):
+            launch(g)
+    for group in groups:
+        for p in group:
+            p.register_post_accumulate_grad_hook(hook)
+
+    def finish():
+        if not in_hook:
+            for g in range(len(groups)):
+                launch(g)
+        for g, flat, work in pending:
+            if wait:
+                work.wait()
+            if divide:
+                flat /= comm.world
+            for p, part in zip(groups[g], flat.split([q.numel() for q in groups[g]])):
+                p.grad.copy_(part.view_as(p))
+        if reset:
+            pending.clear()
+            ready[:] = [0] * len(groups)
+    return finish
+
+
+WRONG["05.bucketed_all_reduce"] = [
+    (lambda buckets, comm: _hooks(buckets, comm, per_parameter=True), "one call per bucket"),
+    (lambda buckets, comm: _hooks(buckets, comm, divide=False), "divide by comm.world"),
+    (lambda buckets, comm: _hooks(buckets, comm, in_hook=False), "started after backward had finished"),
+    (lambda buckets, comm: _hooks(buckets, comm, reset=False), "on the second step"),
+    (lambda buckets, comm: _hooks(buckets, comm, wait=False), "Call work.wait()"),
+]
+
+
+@wrong("05.zero_bytes", "you shard ['optimizer state'], but stage 0 shards nothing")
+def zero_stage_off_by_one(n_params, stage, world):
+    return sum(b * n_params / (world if stage + 1 >= 3 - i else 1) for i, b in enumerate((2, 2, 12)))
+
+
+@wrong("05.zero_bytes", "fp32 AdamW")
+def zero_fp32(n_params, stage, world):
+    return sum(b * n_params / (world if stage >= 3 - i else 1) for i, b in enumerate((4, 4, 8)))
+
+
+@wrong("05.zero_bytes", "shards nothing (plain data parallelism)")
+def zero_everything_sharded(n_params, stage, world):
+    return 16 * n_params / world
