@@ -360,3 +360,226 @@ def zero_fp32(n_params, stage, world):
 @wrong("05.zero_bytes", "shards nothing (plain data parallelism)")
 def zero_everything_sharded(n_params, stage, world):
     return 16 * n_params / world
+
+
+# ----------------------------------------------------------------------------- 06 tensor parallelism
+
+@wrong("06.column_parallel_linear", "a shape error")
+def column_split_inputs(x, weight, bias, rank, world):
+    return F.linear(x, weight.chunk(world, 1)[rank], bias.chunk(world, 0)[rank])
+
+
+@wrong("06.column_parallel_linear", "you took every")
+def column_strided(x, weight, bias, rank, world):
+    return F.linear(x, weight[rank::world], bias[rank::world])
+
+
+@wrong("06.column_parallel_linear", "the bias is missing")
+def column_without_bias(x, weight, bias, rank, world):
+    return F.linear(x, weight.chunk(world, 0)[rank])
+
+
+@wrong("06.row_parallel_linear", "holds the bias")
+def row_bias_everywhere(x_shard, weight, bias, rank, world):
+    return F.linear(x_shard, weight.chunk(world, 1)[rank], bias)
+
+
+@wrong("06.row_parallel_linear", "a shape error")
+def row_split_outputs(x_shard, weight, bias, rank, world):
+    return F.linear(x_shard, weight.chunk(world, 0)[rank])
+
+
+@wrong("06.row_parallel_linear", "the bias is missing")
+def row_without_bias(x_shard, weight, bias, rank, world):
+    return F.linear(x_shard, weight.chunk(world, 1)[rank])
+
+
+# ----------------------------------------------------------------------------- 07 pipeline parallelism
+
+@wrong("07.one_f_one_b", "GPipe")
+def gpipe_instead(n_stages, n_micro, stage):
+    from course.exercises.lesson07 import gpipe
+    return gpipe(n_stages, n_micro, stage)
+
+
+@wrong("07.one_f_one_b", "forwards before its first backward")
+def one_f_one_b_no_warmup(n_stages, n_micro, stage):
+    out = []
+    for i in range(n_micro):
+        out += [("F", i), ("B", i)]
+    return out
+
+
+@wrong("07.one_f_one_b", "comes before its forward")
+def one_f_one_b_backward_first(n_stages, n_micro, stage):
+    out = []
+    for i in range(n_micro):
+        out += [("B", i), ("F", i)]
+    return out
+
+
+@wrong("07.bubble_fraction", "relative to the busy time")
+def bubble_megatron(n_stages, n_micro):
+    return (n_stages - 1) / n_micro
+
+
+@wrong("07.bubble_fraction", "fills (p - 1 forward slots)")
+def bubble_off_by_one(n_stages, n_micro):
+    return n_stages / (n_micro + n_stages)
+
+
+# ----------------------------------------------------------------------------- 08 3D parallelism
+
+@wrong("08.rank_coords", "you let the FIRST dimension vary fastest")
+def coords_column_major(rank, dims):
+    out = {}
+    for name, size in dims.items():
+        out[name], rank = rank % size, rank // size
+    return out
+
+
+@wrong("08.rank_coords", "one coordinate per dimension")
+def coords_as_list(rank, dims):
+    from course.parallel.mesh import Mesh
+    return list(Mesh(**dims).coords(rank).values())
+
+
+@wrong("08.group_of", "does not contain rank")
+def group_of_first_group(rank, dims, dim):
+    from course.parallel.mesh import Mesh
+    return Mesh(**dims).groups(dim)[0] if rank not in Mesh(**dims).groups(dim)[0] else Mesh(**dims).groups(dim)[-1]
+
+
+@wrong("08.group_of", "a pipeline group has 2")
+def group_of_whole_world(rank, dims, dim):
+    return list(range(math.prod(dims.values())))
+
+
+# ----------------------------------------------------------------------------- 09 fault tolerance
+
+def _save(path, model, optimizer, step, generator, keep=("model", "optimizer", "step", "generator")):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "generator": generator.get_state()}
+    torch.save({k: v for k, v in state.items() if k in keep}, path)
+
+
+def _load(path, model, optimizer, generator):
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if "generator" in state:
+        generator.set_state(state["generator"])
+    return state.get("step", 0)
+
+
+WRONG["09.resume"] = [
+    ((lambda *a: _save(*a, keep=("model", "step", "generator")), _load), "AdamW's state was not restored"),
+    ((lambda *a: _save(*a, keep=("model", "optimizer", "step")), _load), "the data generator's state"),
+    ((lambda *a: _save(*a, keep=("model", "optimizer", "generator")), _load), "it should return the saved step"),
+    ((lambda *a: None, lambda *a: 3), "the model's weights differ from the saved ones"),
+]
+
+
+@wrong("09.clip_by_global_norm", "clipped each tensor by its own norm")
+def clip_per_tensor(grads, max_norm):
+    return [g * min(1.0, max_norm / g.norm().item()) for g in grads]
+
+
+@wrong("09.clip_by_global_norm", "must stay unchanged")
+def clip_always_rescale(grads, max_norm):
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    return [g * max_norm / norm for g in grads]
+
+
+@wrong("09.clip_by_global_norm", "not the sum of the tensors' norms")
+def clip_sum_of_norms(grads, max_norm):
+    total = sum(g.norm().item() for g in grads)
+    return [g * min(1.0, max_norm / total) for g in grads]
+
+
+@wrong("09.lr_at", "step 0 already learns")
+def lr_warmup_from_zero(step, lr, min_lr, warmup_steps, max_steps):
+    from course.exercises.lesson09 import _lr_at
+    return lr * step / warmup_steps if step < warmup_steps else _lr_at(step, lr, min_lr, warmup_steps, max_steps)
+
+
+@wrong("09.lr_at", "half a cosine")
+def lr_linear_decay(step, lr, min_lr, warmup_steps, max_steps):
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+    return lr - (lr - min_lr) * progress
+
+
+# ----------------------------------------------------------------------------- 10 ViT / CLIP
+
+@wrong("10.patchify", "a plain reshape")
+def patchify_reshape(images, patch):
+    B, C, H, W = images.shape
+    return images.reshape(B, (H // patch) * (W // patch), C * patch * patch)
+
+
+@wrong("10.patchify", "channel-last")
+def patchify_channel_last(images, patch):
+    B, C, H, W = images.shape
+    g = images.reshape(B, C, H // patch, patch, W // patch, patch)
+    return g.permute(0, 2, 4, 3, 5, 1).reshape(B, -1, C * patch * patch)
+
+
+@wrong("10.clip_loss", "normalise both embeddings")
+def clip_unnormalised(image_emb, text_emb, temperature):
+    logits = image_emb @ text_emb.T / temperature
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+@wrong("10.clip_loss", "only the image -> text direction")
+def clip_one_direction(image_emb, text_emb, temperature):
+    logits = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T / temperature
+    return F.cross_entropy(logits, torch.arange(len(logits)))
+
+
+@wrong("10.clip_loss", "multiplied by the temperature")
+def clip_times_temperature(image_emb, text_emb, temperature):
+    logits = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T * temperature
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+# ----------------------------------------------------------------------------- 11 flash attention
+
+@wrong("11.online_softmax_stats", "the sum so far must be rescaled")
+def stats_without_rescale(chunks):
+    m, l = float("-inf"), 0.0
+    for c in chunks:
+        m = max(m, c.max().item())
+        l += (c - m).exp().sum().item()
+    return m, l
+
+
+@wrong("11.online_softmax_stats", "start from m = -inf")
+def stats_from_zero(chunks):
+    m, l = 0.0, 0.0
+    for c in chunks:
+        m_new = max(m, c.max().item())
+        l = l * math.exp(m - m_new) + (c - m_new).exp().sum().item()
+        m = m_new
+    return m, l
+
+
+@wrong("11.online_attention", "multiply l and o by exp(m - m')")
+def attention_without_rescale(q, k, v, block):
+    from course.exercises.lesson11 import _online_attention
+    return _online_attention(q, k, v, block, rescale=False)
+
+
+@wrong("11.online_attention", "divide it by the running sum")
+def attention_unnormalised(q, k, v, block):
+    from course.exercises.lesson11 import _online_attention
+    return _online_attention(q, k, v, block, divide=False)
+
+
+@wrong("11.online_attention", "as large as the whole")
+def attention_all_at_once(q, k, v, block):
+    return torch.softmax(q @ k.T / math.sqrt(q.size(-1)), -1) @ v

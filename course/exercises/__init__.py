@@ -27,7 +27,7 @@ import importlib
 
 from .core import EXERCISES, Exercise, Hint, exercise, solution
 
-LESSONS = ("00", "01", "02", "03", "04", "05")
+LESSONS = ("00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11")
 
 for _lesson in LESSONS:
     importlib.import_module(f"{__name__}.lesson{_lesson}")

@@ -95,17 +95,19 @@ def solution(exercise_id: str) -> str:
     """The source of a reference solution (for after you have tried)."""
     if exercise_id not in EXERCISES:
         raise ValueError(f"exercise_id must be one of {sorted(EXERCISES)}, got {exercise_id!r}")
+    sol = EXERCISES[exercise_id].solution
+    parts = sol if isinstance(sol, tuple) else (sol,)
     try:
-        return inspect.getsource(EXERCISES[exercise_id].solution)
+        return "\n\n".join(inspect.getsource(f) for f in parts)
     except (OSError, TypeError):
-        return repr(EXERCISES[exercise_id].solution)
+        return repr(sol)
 
 
 # ----------------------------------------------------------------------------- helpers for checkers
 
 def call(fn, *args, describe: str | None = None, errors: dict | None = None, **kwargs):
     """Run the learner's fn. NotImplementedError -> Unsolved; any other exception -> a Hint naming the
-    call (or errors[type] when given, for a mistake the checker can explain)."""
+    call, or errors[type] (a string, or a function of the exception) for a mistake the checker can explain."""
     try:
         return fn(*args, **kwargs)
     except NotImplementedError:
@@ -113,7 +115,7 @@ def call(fn, *args, describe: str | None = None, errors: dict | None = None, **k
     except Exception as e:
         for kind, hint in (errors or {}).items():
             if isinstance(e, kind):
-                raise Hint(hint) from None
+                raise Hint(hint(e) if callable(hint) else hint) from None
         shown = describe or f"{getattr(fn, '__name__', 'your function')}({_args(args, kwargs)})"
         raise Hint(f"{shown} raised {type(e).__name__}: {e}") from None
 
