@@ -97,3 +97,86 @@ def test_a_solution_can_be_shown(exercise_id):
 def test_unknown_exercise_id_is_a_clear_error():
     with pytest.raises(ValueError, match="exercise_id must be one of"):
         solution("99.nothing")
+
+
+# ----------------------------------------------------------------------------- lesson snippets and the tool
+
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import io  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import nbformat  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import add_exercises  # noqa: E402
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_each_snippet_checks_exactly_its_lessons_exercises(lesson):
+    cells = add_exercises.snippet_cells(lesson)
+    called = set(re.findall(r"\bex\.(check_\w+)\(", "\n".join(c.source for c in cells if c.cell_type == "code")))
+    module = importlib.import_module(f"course.exercises.lesson{lesson}")
+    registered = {ex.check.__name__ for ex in EXERCISES.values() if ex.lesson == lesson}
+    assert called == registered, (called, registered)
+    assert all(getattr(module, name) is not None for name in called)
+    assert f"lesson{lesson} as ex" in cells[1].source
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_each_snippet_ships_unsolved_and_runs_without_error(lesson):
+    code = [c.source for c in add_exercises.snippet_cells(lesson) if c.cell_type == "code"]
+    for src in code:
+        logic = [line for line in src.splitlines() if line.strip() and not line.strip().startswith(("#", '"""'))]
+        assert len(logic) <= 15, src  # notebook cells <= ~15 lines of logic
+        assert "raise NotImplementedError" in src and "# NBVAL_CHECK_OUTPUT" in src
+    namespace, out = {}, io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for src in code:
+            exec(compile(src, f"notebooks/exercises/{lesson}.py", "exec"), namespace)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == len(code) and all("not solved yet" in line for line in lines), lines
+    assert namespace["ok"] is False
+
+
+def _nb(*sources):
+    cells = [nbformat.v4.new_markdown_cell(s[3:]) if s.startswith("md:") else nbformat.v4.new_code_cell(s)
+             for s in sources]
+    return nbformat.v4.new_notebook(cells=cells)
+
+
+def test_the_tool_appends_the_section_when_a_lesson_has_none():
+    nb = _nb("md:# 01 · title", "x = 1", "md:## What to remember")
+    before = [c.source for c in nb.cells]
+    assert add_exercises.apply(nb, "01") is True
+    new = add_exercises.snippet_cells("01")
+    assert [c.source for c in nb.cells] == before + [c.source for c in new]
+    assert add_exercises.apply(nb, "01") is False  # idempotent
+
+
+def test_the_tool_replaces_an_existing_section_and_nothing_else():
+    nb = _nb("md:# 04 · title", "x = 1", "md:## Your turn\n\n- ideas", "y = 2", "md:## Summary", "z = 3")
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="kept\n")]
+    assert add_exercises.apply(nb, "04") is True
+    new = [c.source for c in add_exercises.snippet_cells("04")]
+    assert [c.source for c in nb.cells] == ["# 04 · title", "x = 1", *new, "## Summary", "z = 3"]
+    assert nb.cells[1].outputs[0]["text"] == "kept\n"
+    executed = nb.cells[3]  # the first exercise code cell, as if the lesson had been executed
+    executed.outputs = [nbformat.v4.new_output("stream", text="… not solved yet\n")]
+    assert add_exercises.apply(nb, "04") is False and nb.cells[3].outputs  # outputs survive a second run
+    nbformat.validate(nb)
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_committed_lessons_carry_their_exercises(lesson):
+    path = add_exercises.notebook_for(lesson)
+    if path is None:
+        pytest.skip(f"lesson {lesson} has no notebook in notebooks/ yet")
+    nb = nbformat.read(path, as_version=4)
+    where = add_exercises.find_section(nb.cells)
+    assert where is not None and not add_exercises.apply(nb, lesson), (
+        f"{path.name}: the '## Your turn' section differs from notebooks/exercises/{lesson}.py; run "
+        f"python tools/add_exercises.py {lesson} and re-execute the lesson")

@@ -20,7 +20,7 @@ def char_tokenizer(text):
     raise NotImplementedError  # your code here
 
 
-ex.check_char_tokenizer(char_tokenizer);
+ok = ex.check_char_tokenizer(char_tokenizer)
 
 # %% [markdown]
 # **2. Next-token targets.** A window of `T + 1` tokens gives `T` training examples: the inputs `x` and,
@@ -33,7 +33,7 @@ def next_token_targets(window):
     raise NotImplementedError  # your code here
 
 
-ex.check_next_token_targets(next_token_targets);
+ok = ex.check_next_token_targets(next_token_targets)
 
 # %% [markdown]
 # **3. Tokens per step.** How many tokens does one optimizer step learn from, with `batch_size`
@@ -47,4 +47,4 @@ def tokens_per_step(batch_size, block_size, grad_accum=1, world=1):
     raise NotImplementedError  # your code here
 
 
-ex.check_tokens_per_step(tokens_per_step);
+ok = ex.check_tokens_per_step(tokens_per_step)

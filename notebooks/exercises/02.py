@@ -22,7 +22,7 @@ def mask_tokens(x, tok, rate=0.15, generator=None):
     raise NotImplementedError  # your code here
 
 
-ex.check_mask_tokens(mask_tokens);
+ok = ex.check_mask_tokens(mask_tokens)
 
 # %% [markdown]
 # **2. The prefix-LM mask** (UniLM, Dong et al. 2019; T5, Raffel et al. 2020, section 3.2). Every query
@@ -36,4 +36,4 @@ def prefix_lm_mask(T, prefix_len):
     raise NotImplementedError  # your code here
 
 
-ex.check_prefix_lm_mask(prefix_lm_mask);
+ok = ex.check_prefix_lm_mask(prefix_lm_mask)

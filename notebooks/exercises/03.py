@@ -23,7 +23,7 @@ def sliding_window_layout(seq_len, window, block_size, causal=False):
     raise NotImplementedError  # your code here
 
 
-ex.check_sliding_window_layout(sliding_window_layout);
+ok = ex.check_sliding_window_layout(sliding_window_layout)
 
 # %% [markdown]
 # **2. A BigBird layout** (Zaheer et al. 2020). Three parts, all in blocks: a window
@@ -37,7 +37,7 @@ def bigbird_layout(n_blocks, window_blocks, global_blocks, random_blocks):
     raise NotImplementedError  # your code here
 
 
-ex.check_bigbird_layout(bigbird_layout);
+ok = ex.check_bigbird_layout(bigbird_layout)
 
 # %% [markdown]
 # **3. The Sparse Transformer's strided pattern** (Child et al. 2019, section 4.2), both parts in one
@@ -51,4 +51,4 @@ def strided_mask(T, stride):
     raise NotImplementedError  # your code here
 
 
-ex.check_strided_mask(strided_mask);
+ok = ex.check_strided_mask(strided_mask)

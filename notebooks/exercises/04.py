@@ -22,7 +22,7 @@ def sqrt_segments(n):
     raise NotImplementedError  # your code here
 
 
-ex.check_sqrt_segments(sqrt_segments);
+ok = ex.check_sqrt_segments(sqrt_segments)
 
 # %% [markdown]
 # **2. The bytes a block keeps.** Write the formula of section 1 as a function: the bytes one
@@ -36,7 +36,7 @@ def block_bytes(s, b, h, a):
     raise NotImplementedError  # your code here
 
 
-ex.check_block_bytes(block_bytes);
+ok = ex.check_block_bytes(block_bytes)
 
 # %% [markdown]
 # **3. A checkpointed segment runner.** Run `blocks` on `x` segment by segment, where `segments` is a list of
@@ -50,4 +50,4 @@ def run_segments(blocks, x, segments):
     raise NotImplementedError  # your code here
 
 
-ex.check_run_segments(run_segments);
+ok = ex.check_run_segments(run_segments)

@@ -18,7 +18,7 @@ def one_f_one_b(n_stages, n_micro, stage):
     raise NotImplementedError  # your code here
 
 
-ex.check_one_f_one_b(one_f_one_b);
+ok = ex.check_one_f_one_b(one_f_one_b)
 
 # %% [markdown]
 # **2. The bubble.** Under GPipe (Huang et al. 2019), what share of the total time does a stage sit
@@ -31,4 +31,4 @@ def bubble_fraction(n_stages, n_micro):
     raise NotImplementedError  # your code here
 
 
-ex.check_bubble_fraction(bubble_fraction);
+ok = ex.check_bubble_fraction(bubble_fraction)

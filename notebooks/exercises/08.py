@@ -18,7 +18,7 @@ def rank_coords(rank, dims):
     raise NotImplementedError  # your code here
 
 
-ex.check_rank_coords(rank_coords);
+ok = ex.check_rank_coords(rank_coords)
 
 # %% [markdown]
 # **2. A rank's group along one dimension:** the ranks whose coordinates equal this rank's on every
@@ -31,4 +31,4 @@ def group_of(rank, dims, dim):
     raise NotImplementedError  # your code here
 
 
-ex.check_group_of(group_of);
+ok = ex.check_group_of(group_of)

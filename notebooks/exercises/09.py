@@ -23,7 +23,7 @@ def load_checkpoint(path, model, optimizer, generator):
     raise NotImplementedError  # your code here
 
 
-ex.check_resume((save_checkpoint, load_checkpoint));
+ok = ex.check_resume((save_checkpoint, load_checkpoint))
 
 # %% [markdown]
 # **2. Clip by the global norm.** If the L2 norm of all gradients together exceeds `max_norm`, scale every
@@ -36,7 +36,7 @@ def clip_by_global_norm(grads, max_norm):
     raise NotImplementedError  # your code here
 
 
-ex.check_clip_by_global_norm(clip_by_global_norm);
+ok = ex.check_clip_by_global_norm(clip_by_global_norm)
 
 # %% [markdown]
 # **3. Warmup, then cosine decay** (`course.train.lr_at`). During warmup the rate rises linearly,
@@ -52,4 +52,4 @@ def lr_at(step, lr, min_lr, warmup_steps, max_steps):
     raise NotImplementedError  # your code here
 
 
-ex.check_lr_at(lr_at);
+ok = ex.check_lr_at(lr_at)
