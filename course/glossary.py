@@ -160,7 +160,7 @@ TERMS: tuple[Term, ...] = (
     _t("online softmax", "在线 softmax", "11", "A softmax computed in one pass by keeping a running maximum and a rescaled running sum."),
     _t("tiling", "分块 (tiling)", "11", "Splitting a computation into tiles that fit in fast memory."),
     _t("kernel fusion", "算子融合", "11", "Doing several operations in one GPU kernel, so intermediates never go to main memory.", "fused"),
-    _t("high-bandwidth memory (HBM)", "高带宽显存 (HBM)", "11", "A GPU's main memory: large, but much slower than on-chip SRAM.", "HBM"),
+    _t("high-bandwidth memory (HBM)", "高带宽内存 (HBM)", "11", "A GPU's main memory: large, but much slower than on-chip SRAM.", "HBM"),
     _t("SRAM (on-chip memory)", "片上内存 (SRAM)", "11", "The small, fast memory inside each GPU multiprocessor where tiles are computed.", "SRAM"),
 )
 

@@ -180,3 +180,26 @@ def test_committed_lessons_carry_their_exercises(lesson):
     assert where is not None and not add_exercises.apply(nb, lesson), (
         f"{path.name}: the '## Your turn' section differs from notebooks/exercises/{lesson}.py; run "
         f"python tools/add_exercises.py {lesson} and re-execute the lesson")
+
+
+from exercise_answers import RIGHT  # noqa: E402
+
+RIGHT_CASES = [(eid, i) for eid in sorted(RIGHT) for i in range(len(RIGHT[eid]))]
+
+
+@pytest.mark.parametrize("exercise_id,i", RIGHT_CASES, ids=[f"{e}-{i}" for e, i in RIGHT_CASES])
+def test_a_correct_answer_written_differently_passes(exercise_id, i, capsys):
+    fn = RIGHT[exercise_id][i]
+    answer = fn() if isinstance(EXERCISES[exercise_id].solution, tuple) else fn
+    assert EXERCISES[exercise_id].check(answer) is True, capsys.readouterr().out
+
+
+def test_the_pipeline_simulator_measures_gpipe_and_1f1b_and_detects_deadlocks():
+    from course.exercises.lesson07 import _one_f_one_b, gpipe, simulate
+    for p, m in [(2, 1), (4, 8), (3, 5)]:
+        for tf, tb in [(1.0, 2.0), (1.0, 1.0)]:
+            gp = simulate([gpipe(p, m, s) for s in range(p)], tf, tb)
+            assert gp == (m + p - 1) * (tf + tb)  # GPipe: fill and drain, Huang et al. 2019
+            assert simulate([_one_f_one_b(p, m, s) for s in range(p)], tf, tb) == gp  # same bubble, less memory
+    with pytest.raises(ValueError, match="deadlocks"):
+        simulate([[("B", 0), ("F", 0)], [("F", 0), ("B", 0)]])

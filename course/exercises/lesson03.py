@@ -12,7 +12,7 @@ import torch
 
 from course.sparse.patterns import bigbird, sliding_window, strided
 
-from .core import Hint, call, exercise, expect_tensor, first_mask_difference
+from .core import call, exercise, expect_tensor, first_mask_difference
 
 
 def _sliding_window_layout(seq_len, window, block_size, causal=False):

@@ -90,7 +90,6 @@ def check_one_f_one_b(fn, rng, gen):
     """one_f_one_b(n_stages, n_micro, stage) -> the 1F1B action list of one stage: ("F", i) / ("B", i)."""
     cases = [(4, 8), (4, 2), (2, 1), (3, 5)] + [(rng.randint(2, 6), rng.randint(1, 12)) for _ in range(3)]
     for p, m in cases:
-        schedules = []
         for s in range(p):
             what = f"one_f_one_b(n_stages={p}, n_micro={m}, stage={s})"
             actions = call(fn, p, m, s, describe=what)
@@ -104,11 +103,6 @@ def check_one_f_one_b(fn, rng, gen):
                                f"{lead(want)}: min(p - s - 1, m) = {min(p - s - 1, m)} warm-up forwards, then one "
                                f"forward and one backward in turn, then the remaining backwards")
                 raise Hint(f"{what} gave {actions}, expected {want}")
-            schedules.append(actions)
-        try:
-            simulate(schedules)
-        except ValueError as e:  # cannot happen once every stage equals the reference; kept for clarity
-            raise Hint(f"with {p} stages and {m} micro-batches {e}") from None
     return f"{len(cases)} (stages, micro-batches) pairs, every stage"
 
 
