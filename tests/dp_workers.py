@@ -126,3 +126,20 @@ def composition(cases: list[tuple[str, str, str]]) -> list[dict]:
 
 
 __all__ = ["TiedMLP", "interface_run", "interface_reference", "unused_without_flag", "composition", "STRATEGIES"]
+
+
+def mesh_vs_device_mesh(dims: dict) -> dict:
+    """On every rank: course Mesh groups vs PyTorch DeviceMesh groups, and a Comm per dimension."""
+    from course.parallel.mesh import Mesh
+    rank = dist.get_rank()
+    mesh = Mesh(**dims)
+    dm = mesh.device_mesh("cpu")
+    out = {"rank": rank, "coords": mesh.coords(rank), "dims": {}}
+    for name in mesh.names:
+        comm = mesh.comm(name)
+        t = torch.ones(6) * (rank + 1)
+        comm.all_reduce(t)
+        out["dims"][name] = {"ours": mesh.group_of(name, rank),
+                             "torch": sorted(dist.get_process_group_ranks(dm.get_group(name))),
+                             "sum": t[0].item(), "comm": comm.summary()}
+    return out
