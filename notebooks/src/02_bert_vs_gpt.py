@@ -146,6 +146,8 @@ gpt = Transformer(gpt_cfg).to(prof.device)
 torch.manual_seed(1337)
 bert = Transformer(bert_cfg).to(prof.device)
 T = SIZES["block_size"]
+
+# %%
 print(f"GPT  {gpt.num_params():,} parameters, {gpt.flops_per_token(T):,.0f} training FLOPs/token")
 print(f"BERT {bert.num_params():,} parameters, {bert.flops_per_token(T):,.0f} training FLOPs/token")
 print(f"each: {STEPS} steps x {BATCH} sequences x {T} tokens = {STEPS * BATCH * T:,} tokens; "
@@ -166,11 +168,15 @@ print(f"context {T} characters; the head transform is {head:,} parameters = {hea
 cfg = TrainConfig(max_steps=STEPS, batch_size=BATCH, block_size=T, lr=LR, warmup_steps=30,
                   eval_interval=100, eval_iters=5, seed=0)
 hists = {}
-for name, model in (("GPT", gpt), ("BERT", bert)):
-    batch_fn = ob.make_batch_fn(name.lower(), data, BATCH, T, rate=RATE, generator=torch.Generator().manual_seed(0),
-                                device=prof.device)
-    hists[name] = train(model, batch_fn, cfg, label=name)
-    print(hists[name])
+batches = lambda name: ob.make_batch_fn(name, data, BATCH, T, rate=RATE, generator=torch.Generator().manual_seed(0),
+                                        device=prof.device)
+hists["GPT"] = train(gpt, batches("gpt"), cfg, label="GPT")  # one model per cell: each well under a few minutes
+hists["GPT"]
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+hists["BERT"] = train(bert, batches("bert"), cfg, label="BERT")
+hists["BERT"]
 
 # %%
 ax = viz.plot_losses(hists, title="Same model, two objectives (loss per scored token)")

@@ -198,20 +198,20 @@ for name in ("dense", "alternating dense / banded"):
 ax = plot_losses(runs, title="same steps, same data: dense vs GPT-3-style sparse layers")
 
 # %%
-# NBVAL_IGNORE_OUTPUT
-Markdown(f"After {tcfg.max_steps} steps with a context of {T} characters both models have learned, and the banded "
-         f"one ends {gap:+.2f} nats from the dense one. So short a run says only that banding odd layers does "
-         f"not break training here, not how the two would compare fully trained: most of what a character "
-         f"model needs is nearby, and the dense layers in between can carry the rest. (At {T} tokens the "
-         f"sparse model is not faster either: section 4 measured the crossover at {sm['crossover']:,} tokens.)")
-
-# %%
 # NBVAL_CHECK_OUTPUT
 gap = runs["alternating dense / banded"].final_val_loss - runs["dense"].final_val_loss
 print("both learned:", all(h.val_loss[-1] < h.val_loss[0] - 0.5 for h in runs.values()))
 print("sparse within 0.25 nats of dense:", abs(gap) < 0.25)
 assert all(h.val_loss[-1] < h.val_loss[0] - 0.5 for h in runs.values())
 assert abs(gap) < 0.25
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+Markdown(f"After {tcfg.max_steps} steps with a context of {T} characters both models have learned, and the banded "
+         f"one ends {gap:+.2f} nats from the dense one. So short a run says only that banding odd layers does "
+         f"not break training here, not how the two would compare fully trained: most of what a character "
+         f"model needs is nearby, and the dense layers in between can carry the rest. (At {T} tokens the "
+         f"sparse model is not faster either: section 4 measured the crossover at {sm['crossover']:,} tokens.)")
 
 # %% [markdown]
 # ## 6. What the sparse model attends to
