@@ -406,8 +406,9 @@ class PipelineModel(nn.Module):
     def clip_grad_norm_(self, max_norm: float) -> float:
         """torch's clip_grad_norm_ over the whole pipeline: squares summed over ranks (the head's copy
         of the tied embedding counted once, on stage 0)."""
-        last = self.stages.get(str(self.schedule.n_stages - 1))
-        grads = [q.grad for q in self.parameters() if q.grad is not None and not (last and q is last.lm_head.weight)]
+        key = str(self.schedule.n_stages - 1)
+        head = self.stages[key].lm_head.weight if key in self.stages else None
+        grads = [q.grad for q in self.parameters() if q.grad is not None and q is not head]
         sq = torch.tensor([sum(float((g.double() ** 2).sum()) for g in grads)], dtype=torch.float64)
         self.comm.all_reduce(sq, name="grad norm")
         norm = math.sqrt(sq.item())
