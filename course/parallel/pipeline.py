@@ -258,6 +258,7 @@ class StepResult:
     peak_live: int  # most (stage, micro-batch) activations alive at once on this rank, measured
     peak_bytes: int  # their bytes at the peak
     sent_bytes: float  # point-to-point bytes this rank sent
+    overruns: int = 0  # compute actions longer than action_time asked for
 
 
 def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, action_time=None,
@@ -280,7 +281,7 @@ def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, act
     for st in stages.values():
         st.store.keep = memory.keep
     links = _Links(comm, schedule, shape, dtype, timeout)
-    inputs, outputs, grads, loss = {}, {}, {}, 0.0
+    inputs, outputs, grads, loss, overruns = {}, {}, {}, 0.0, 0
     start_spans = len(comm.spans)
     for a in schedule.ranks[r]:
         key, st = (a.stage, a.mb), stages.get(a.stage)
@@ -317,12 +318,13 @@ def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, act
                     st.store.key = None
                 elif a.kind == "W":
                     st.store.flush(key)
-                if action_time is not None:
-                    time.sleep(max(0.0, action_time(a) - (time.perf_counter() - t0)))
+                if action_time is not None:  # pad to the given length; count actions that ran longer
+                    left = action_time(a) - (time.perf_counter() - t0)
+                    overruns += left < 0
+                    time.sleep(max(0.0, left))
     sent = links.close()
     spans = [s for s in comm.spans[start_spans:] if s[0] in COMPUTE]
-    return StepResult(loss if schedule.n_stages - 1 in stages else None, spans, memory.peak_live,
-                      memory.peak_bytes, sent)
+    return StepResult(loss if S - 1 in stages else None, spans, memory.peak_live, memory.peak_bytes, sent, overruns)
 
 
 def sync_tied_grads(stages: dict, comm: Comm, n_stages: int) -> None:

@@ -1,21 +1,29 @@
 """Pipeline experiments run on every rank of a process group (lesson 07, tests, benchmark).
 
     torchrun --standalone --nproc-per-node=2 -m course.parallel.pp_experiments          # check + time
-    python -m course.parallel.pp_experiments --nproc 4                                  # spawn 4 ranks
+    python -m course.parallel.pp_experiments --nproc 4 --m 8                            # spawn 4 ranks
 
 - `check(setup, cases)`: each (schedule, m, v) on the same batch; loss and every gradient against
-  the unsplit model on the same batch, measured peak live activations, the timeline.
-- `timed(setup, cases, repeats)`: the same with every compute action padded to a fixed time
-  (`action_seconds`), for bubbles that can be compared with the simulator and the formulas.
-- `torch_pipelining(setup, cases)`: PyTorch's torch.distributed.pipelining on the same stages.
-- `train_both(setup, name, m, v, steps)`: a few steps of `course.train.train` with a PipelineModel
-  and with the unsplit model.
+  the unsplit model, measured peak live activations, the timeline.
+- `timed(setup, cases)`: the same with every compute action padded to a fixed time (see
+  `action_seconds`), for bubbles that can be compared with the simulator and the formulas.
+- `torch_pipelining(setup, cases)`: PyTorch's torch.distributed.pipelining on the same stages, in
+  a thread with a timeout (pipelining on gloo has hung before): a hang is reported, not waited for.
+- `train_both(setup, name, m, v, steps)`: `course.train.train` with a PipelineModel and with the
+  unsplit model on the same batches.
+- `suite` (tests) and `lesson` (lesson 07) run several of these in one launch.
+The pipeline is the "pipeline" dimension of a `course.parallel.mesh.Mesh` (`dims`, default: all ranks).
 """
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, asdict
+import os
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -25,20 +33,20 @@ from ..model import ModelConfig, Transformer
 from .comm import Comm
 from .mesh import Mesh
 from .pipeline import PipelineModel, rank_stages, run_schedule, sync_tied_grads
-from .schedules import Action, make
+from .schedules import make
 
 
 @dataclass
 class Setup:
     n_layer: int = 8
     n_head: int = 2
-    n_embd: int = 32
-    vocab_size: int = 64
-    seq_len: int = 16
+    n_embd: int = 16
+    vocab_size: int = 32
+    seq_len: int = 8
     batch_size: int = 8
     dtype: str = "float64"  # equality checks in float64; timing in float32
     seed: int = 0
-    layer_seconds: float = 0.0  # timed(): each action padded to layer_seconds x layers (F), 2x that (B)
+    layer_seconds: float = 0.01  # timed(): forward time per layer (see action_seconds)
 
     def model(self) -> Transformer:
         torch.manual_seed(self.seed)  # the same model on every rank
@@ -48,148 +56,213 @@ class Setup:
 
     def batch(self, step: int = 0):
         g = torch.Generator().manual_seed(1000 + self.seed + step)
-        x = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len), generator=g)
+        x = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len), generator=g)  # (B, T)
         return x, torch.roll(x, -1, dims=1)
 
 
-def _comm() -> Comm:
-    return Mesh(pipeline=dist.get_world_size()).comm("pipeline")
+def _comm(dims=None) -> Comm:
+    return Mesh(**(dims or {"pipeline": dist.get_world_size()})).comm("pipeline")
 
 
 def action_seconds(setup: Setup, schedule):
-    """Fixed time per action: layer_seconds per layer of the stage for F, I and W, twice that for B.
-    Sleeping ranks do not compete for the cores, so 4 ranks on 2 cores keep their timing."""
+    """Equal stages on a CPU: every action lasts a fixed time, layer_seconds per layer of its stage for
+    F, I and W, twice that for B (backward = 2 forwards; I = W = F as in Qi et al. 2023). The real
+    compute (a tiny model) is far shorter and the rest is a sleep: sleeping ranks do not compete
+    for cores, so 4 ranks on 2 cores keep this timing."""
     layers = setup.n_layer // schedule.n_stages
     return lambda a: setup.layer_seconds * layers * (2.0 if a.kind == "B" else 1.0)
 
 
 def _reference(setup: Setup):
     model = setup.model()
-    x, y = setup.batch()
-    _, loss = model(x, y)
+    _, loss = model(*setup.batch())
     loss.backward()
     return loss.item(), {n: q.grad.clone() for n, q in model.named_parameters()}
 
 
-def _one(setup, name, m, v, comm, ref=None, pad=False, split_backward=True):
+def _grad_diff(stages, ref_grads) -> float:
+    """Largest |pipeline - unsplit| of a gradient relative to that gradient's largest entry."""
+    missing = [n for st in stages.values() for n, q in st.named_parameters() if q.grad is None]
+    if missing:
+        raise RuntimeError(f"no gradient for {missing}")
+    return max((q.grad - ref_grads[st.full_name(n)]).abs().max().item()
+               / ref_grads[st.full_name(n)].abs().max().clamp_min(1e-300).item()
+               for st in stages.values() for n, q in st.named_parameters())
+
+
+def _one(setup, name, m, v, comm, ref=None, pad=False):
     sched = make(name, comm.world, m, v)
-    stages = rank_stages(setup.model(), sched, comm.rank, split_backward)
+    stages = rank_stages(setup.model(), sched, comm.rank)
     x, y = setup.batch()
     dist.barrier(group=comm.group)  # start together: the timeline is one step of all ranks
     res = run_schedule(stages, sched, comm, x, y, action_time=action_seconds(setup, sched) if pad else None)
     sync_tied_grads(stages, comm, sched.n_stages)
     out = {"schedule": name, "m": m, "v": v, "rank": comm.rank, "loss": res.loss, "spans": res.spans,
            "peak_live": res.peak_live, "peak_bytes": res.peak_bytes, "sent_bytes": res.sent_bytes,
-           "order": [name for _, name, _, _ in res.spans]}
+           "overruns": res.overruns}
     if ref is not None:
-        ref_loss, ref_grads = ref
-        missing = [n for st in stages.values() for n, q in st.named_parameters() if q.grad is None]
-        if missing:
-            raise RuntimeError(f"{name} m={m} v={v} rank {comm.rank}: no gradient for {missing}")
-        # float64: the same sums in another order differ by a few ulps of the largest term
-        out["grad_rel_diff"] = max((q.grad - ref_grads[st.full_name(n)]).abs().max().item()
-                                   / ref_grads[st.full_name(n)].abs().max().clamp_min(1e-30).item()
-                                   for st in stages.values() for n, q in st.named_parameters())
-        out["n_grads"] = sum(1 for st in stages.values() for q in st.parameters() if q.grad is not None)
-        out["n_params"] = sum(1 for st in stages.values() for _ in st.parameters())
-        out["loss_diff"] = None if res.loss is None else abs(res.loss - ref_loss)
+        out["grad_rel_diff"] = _grad_diff(stages, ref[1])
+        out["loss_diff"] = None if res.loss is None else abs(res.loss - ref[0])
     return out
 
 
-def check(setup: Setup, cases) -> list[dict]:
+def check(setup: Setup, cases, dims=None) -> list[dict]:
     """Every (schedule, m, v) case on this rank, checked against the unsplit model."""
-    comm, ref = _comm(), _reference(setup)
+    comm, ref = _comm(dims), _reference(setup)
     return [_one(setup, name, m, v, comm, ref) for name, m, v in cases]
 
 
-def timed(setup: Setup, cases, repeats: int = 2) -> list[dict]:
-    """Each case with padded action times; of `repeats` runs the one with the shortest step."""
-    comm, out = _comm(), []
+def link_seconds(comm: Comm, shape, dtype=torch.float32, repeats: int = 20) -> float:
+    """One-way time of one activation message between group ranks 0 and 1: half the fastest round trip."""
+    t, best = torch.zeros(shape, dtype=dtype), float("inf")
+    for _ in range(repeats):
+        dist.barrier(group=comm.group)
+        start = time.perf_counter()
+        if comm.rank == 0:
+            comm.send(t, 1)
+            comm.recv(t, 1)
+        elif comm.rank == 1:
+            comm.recv(t, 0)
+            comm.send(t, 0)
+        best = min(best, time.perf_counter() - start)
+    out = torch.tensor([best / 2])
+    comm.broadcast(out, 0)
+    return out.item()
+
+
+def timed(setup: Setup, cases, repeats: int = 2, dims=None) -> dict:
+    """Each case with padded action times; of `repeats` runs the one with the shortest step. Plus the link."""
+    comm, out = _comm(dims), []
     for name, m, v in cases:
-        runs = [_one(setup, name, m, v, comm, pad=True) for _ in range(repeats)]
-        spans = [None] * len(runs)
-        for i, run in enumerate(runs):  # the step's length as all ranks saw it
+        runs, lengths = [_one(setup, name, m, v, comm, pad=True) for _ in range(repeats)], []
+        for run in runs:  # the step's length as all ranks saw it: latest end - earliest start
             t = torch.tensor([min(s for _, _, s, _ in run["spans"]), -max(e for _, _, _, e in run["spans"])],
                              dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=comm.group)
-            spans[i] = -t[1].item() - t[0].item()
-        out.append(runs[min(range(repeats), key=spans.__getitem__)])
-    return out
+            lengths.append(-t[1].item() - t[0].item())
+        out.append(runs[min(range(repeats), key=lengths.__getitem__)])
+    shape = (setup.batch_size // max(m for _, m, _ in cases), setup.seq_len, setup.n_embd)
+    return {"cases": out, "link_s": link_seconds(comm, shape, getattr(torch, setup.dtype))}
 
 
-def torch_pipelining(setup: Setup, cases) -> list[dict]:
-    """PyTorch's own schedules on the same stages (plain nn.Linear), loss and gradients vs the unsplit model."""
+def _torch_cases(setup: Setup, cases, comm: Comm) -> list[dict]:
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as ts
 
-    comm, (ref_loss, ref_grads) = _comm(), _reference(setup)
+    ref_loss, ref_grads = _reference(setup)
     classes = {"gpipe": ts.ScheduleGPipe, "1f1b": ts.Schedule1F1B, "interleaved": ts.ScheduleInterleaved1F1B,
-               "zb-h1": ts.ScheduleInterleavedZeroBubble}
+               "zb-h1": ts.ScheduleInterleavedZeroBubble, "csv": ts._PipelineScheduleRuntime}
     out = []
     for name, m, v in cases:
-        sched = make(name, comm.world, m, v)
+        ours = name.split(":")[-1]  # "csv:1f1b": our 1F1B exported as CSV, run by PyTorch's runtime
+        sched = make(ours, comm.world, m, v)
         stages = rank_stages(setup.model(), sched, comm.rank, split_backward=False)
         x, y = setup.batch()
-        n_tokens = y.numel()
         pipes = [PipelineStage(st, s, sched.n_stages, torch.device("cpu"), group=comm.group) for s, st in stages.items()]
-        loss_fn = lambda logits, t: F.cross_entropy(logits.reshape(-1, logits.size(-1)), t.reshape(-1),  # noqa: E731
-                                                    reduction="sum") / (n_tokens / m)
-        single = name in ("gpipe", "1f1b")
-        runner = classes[name](pipes[0] if single else pipes, n_microbatches=m, loss_fn=loss_fn)
+        per_mb = y.numel() / m  # PyTorch averages the m micro-batch losses; each is a mean over its tokens
+
+        def loss_fn(logits, t):
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), t.reshape(-1), reduction="sum") / per_mb
+        kind = name.split(":")[0] if ":" in name else name
+        single = kind in ("gpipe", "1f1b")
+        runner = classes[kind](pipes[0] if single else pipes, n_microbatches=m, loss_fn=loss_fn)
+        if kind == "csv":
+            path = os.path.join(tempfile.mkdtemp(), "schedule.csv")
+            with open(path, "w") as f:
+                f.write(sched.to_csv())
+            runner._load_csv(path)
         losses = []
-        if 0 in stages:
-            runner.step(x, target=y, losses=losses)
-        else:
-            runner.step(target=y, losses=losses)
+        runner.step(*([x] if 0 in stages else []), target=y, losses=losses)
         sync_tied_grads(stages, comm, sched.n_stages)
-        diffs = [(q.grad - ref_grads[st.full_name(n)]).abs().max().item() for st in stages.values()
-                 for n, q in st.named_parameters()]
-        loss = sum(float(l) for l in losses) / m if losses else None
-        order = None
-        if hasattr(runner, "pipeline_order"):
-            order = [str(a) for a in runner.pipeline_order[comm.rank] if a is not None]
-        out.append({"schedule": name, "m": m, "v": v, "rank": comm.rank, "grad_diff": max(diffs),
-                    "loss_diff": None if loss is None else abs(loss - ref_loss), "order": order,
+        order = getattr(runner, "pipeline_order", {}).get(comm.rank)
+        out.append({"schedule": name, "m": m, "v": v, "rank": comm.rank, "grad_rel_diff": _grad_diff(stages, ref_grads),
+                    "loss_diff": abs(sum(float(l) for l in losses) / m - ref_loss) if losses else None,
+                    "order": None if order is None else [str(a) for a in order if a is not None and a.is_compute_op],
                     "ours": [str(a) for a in sched.compute(comm.rank)]})
     return out
 
 
-def train_both(setup: Setup, name: str, m: int, v: int = 1, steps: int = 3) -> dict:
+def torch_pipelining(setup: Setup, cases, dims=None, timeout: float = 60.0) -> dict:
+    """PyTorch's schedules on our stages, in a thread: {"available": False, "reason"} if no result in time."""
+    comm, box = _comm(dims), {}
+
+    def work():
+        try:
+            box["cases"] = _torch_cases(setup, cases, comm)
+        except Exception:  # noqa: BLE001 - an error is reported as one, a hang as unavailable
+            box["error"] = traceback.format_exc()
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    th.join(timeout)
+    if "error" in box:
+        raise RuntimeError("torch.distributed.pipelining failed:\n" + box["error"])
+    if th.is_alive():
+        return {"available": False, "reason": f"torch.distributed.pipelining gave no result within {timeout} s"}
+    return {"available": True, "cases": box["cases"]}
+
+
+def train_both(setup: Setup, name: str, m: int, v: int = 1, steps: int = 3, dims=None) -> dict:
     """`course.train.train` for a few steps with a PipelineModel, and with the unsplit model (same batches)."""
     from ..train import TrainConfig, train
 
-    comm = _comm()
-    cfg = TrainConfig(max_steps=steps, batch_size=setup.batch_size, block_size=setup.seq_len, lr=3e-3,
-                      warmup_steps=1, eval_interval=steps, eval_iters=1, progress=False, grad_clip=0.05)
-    batches = iter(setup.batch(i) for i in range(10 * steps))
+    comm = _comm(dims)
+    cfg = TrainConfig(max_steps=steps, batch_size=setup.batch_size, block_size=setup.seq_len, lr=1e-2,
+                      warmup_steps=1, eval_interval=steps, eval_iters=1, progress=False, grad_clip=1.0)
     fixed = setup.batch(999)
-    batch_fn = lambda split: next(batches) if split == "train" else fixed  # noqa: E731
+
+    def batches():
+        it = iter([setup.batch(i) for i in range(steps)])
+        return lambda split: next(it) if split == "train" else fixed
 
     pipe = PipelineModel(setup.model(), make(name, comm.world, m, v), comm)
-    hist = train(pipe, batch_fn, cfg)
-    batches = iter(setup.batch(i) for i in range(10 * steps))
+    hist = train(pipe, batches(), cfg)
     plain = setup.model()
-    ref = train(plain, batch_fn, cfg)
+    ref = train(plain, batches(), cfg)
     full = dict(plain.named_parameters())
     diff = max((q - full[st.full_name(n)]).abs().max().item() for st in pipe.stages.values()
                for n, q in st.named_parameters())
-    return {"rank": comm.rank, "pipe_loss": hist.train_loss, "ref_loss": ref.train_loss, "param_diff": diff,
-            "pipe_val": hist.val_loss, "ref_val": ref.val_loss, "grad_norm": hist.grad_norm, "ref_norm": ref.grad_norm}
+    return {"rank": comm.rank, "loss": hist.train_loss, "ref_loss": ref.train_loss, "param_diff": diff,
+            "val": hist.val_loss, "ref_val": ref.val_loss, "grad_norm": hist.grad_norm, "ref_norm": ref.grad_norm}
+
+
+def suite(setup: Setup, p4_cases, p2_cases, train_case, torch_cases) -> dict:
+    """The tests' one launch on 4 ranks: p=4 on the world, p=2 on the two "pipeline" groups of
+    Mesh(pipeline=2, data=2) (ranks {0, 2} and {1, 3}), training, then PyTorch's schedules at p=2."""
+    two = {"pipeline": 2, "data": 2}
+    return {"p4": check(setup, p4_cases), "p2": check(setup, p2_cases, two),
+            "train": train_both(setup, *train_case, dims=two),
+            "torch": torch_pipelining(setup, torch_cases, two)}
+
+
+def lesson(timing: Setup, cases, naive: Setup, torch_cases) -> dict:
+    """Lesson 07's launch: the naive pipeline with real compute, the padded cases, PyTorch's schedules."""
+    comm = _comm()
+    real = _one(naive, "gpipe", 1, 1, comm)
+    return {"naive": real, "timed": timed(timing, cases),
+            "torch": torch_pipelining(replace(timing, dtype="float64"), torch_cases)}
+
+
+def _cli(setup: Setup, cases) -> list[dict]:
+    checked, measured = check(setup, cases), timed(replace(setup, dtype="float32"), cases)["cases"]
+    return [{"schedule": c["schedule"], "m": c["m"], "v": c["v"], "rank": c["rank"], "grad_rel_diff": c["grad_rel_diff"],
+             "peak_live": c["peak_live"], "busy_s": sum(e - s for _, _, s, e in t["spans"]),
+             "end_s": max(e for *_, e in t["spans"])} for c, t in zip(checked, measured)]
 
 
 def main(argv=None):
+    """Check and time every schedule; one JSON line per rank and schedule."""
     from . import launch
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not under torchrun")
-    ap.add_argument("--m", type=int, default=4)
+    ap.add_argument("--m", type=int, default=4, help="micro-batches")
     args = ap.parse_args(argv)
-    setup = Setup()
+    p = int(os.environ.get("WORLD_SIZE", args.nproc))
     cases = [("gpipe", args.m, 1), ("1f1b", args.m, 1), ("zb-h1", args.m, 1)]
-    for values in [launch.main(check, setup, cases, nproc=args.nproc)]:
-        for r in values:
-            if r["rank"] == 0:
-                print(json.dumps({k: v for k, v in r.items() if k not in ("spans", "order")}))
+    cases += [("interleaved", args.m, 2)] if args.m % p == 0 else []
+    for rows in launch.main(_cli, Setup(), cases, nproc=args.nproc):
+        for row in rows:
+            print(json.dumps(row))
 
 
 if __name__ == "__main__":
