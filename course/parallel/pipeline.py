@@ -11,11 +11,12 @@ Megatron-LM does over its "embedding group" (Shoeybi et al. 2019; Narayanan et a
 
 `run_schedule` walks this rank's action list of a `course.parallel.schedules.Schedule`: F runs the
 stage on micro-batch i, B runs autograd backward from its output (the loss on the last stage),
-SEND/RECV move (b, s, h) activations and their gradients between neighbouring stages through
-`course.parallel.comm.Comm` on the pipeline group. gloo's send blocks until the receiver is ready,
-so a background thread sends (in order) and one thread per neighbour receives in the order that
-neighbour sends: sends become asynchronous as in Megatron-LM's runtime, and a RECV action waits
-only for data that is not there yet. Each compute action is a span on the Comm's timeline.
+SEND/RECV move (b, s, h) activations and their gradients between neighbouring stages of the
+pipeline group of a `course.parallel.comm.Comm` (counted in its calls and bytes). Sends are posted
+(isend) and the rank carries on, as in Megatron-LM's and PyTorch's runtimes; a RECV blocks until its
+data is there. Each message has its own tag, so a receive matches its own send whatever order the
+two ranks' lists put them in. The schedule is validated first (`schedules.validate`): what runs
+cannot deadlock. Each compute action is a span on the Comm's timeline.
 
 Zero-bubble schedules (Qi et al. 2023) split B into I and W. Here every nn.Linear of a stage is a
 `SplitLinear`: during I its backward computes the input (and bias) gradient and leaves (input,
@@ -32,8 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import queue
-import threading
 import time
 import weakref
 from collections import Counter
@@ -41,12 +40,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import check_tokens
 from .comm import Comm
-from .schedules import COMPUTE, Action, Schedule, Timeline, forward_only, make
+from .schedules import COMPUTE, Action, Schedule, Timeline, forward_only, validate
 
 
 class WeightGradStore:
@@ -191,64 +191,22 @@ class ActivationMemory:
         self.tag = None
 
 
-class _Links:
-    """Point-to-point messages of one rank: a sender thread (in order) and a receiver thread per peer."""
+def _tag(a: Action, m: int) -> int:
+    """One tag per message of a step, so a receive matches its own send whatever the order on the link."""
+    return (2 * a.stage + a.kind.endswith("_B")) * m + a.mb
 
-    def __init__(self, comm: Comm, schedule: Schedule, shape, dtype, timeout: float):
-        self.box, self.cond, self.errors, self.timeout = {}, threading.Condition(), [], timeout
-        me, self.dst = comm.rank, {"SEND_F": 1, "SEND_B": -1}
-        incoming: dict[int, list] = {}
-        for q, actions in enumerate(schedule.ranks):  # what each peer sends me, in its order
-            for a in actions:
-                if a.kind.startswith("SEND") and schedule.rank_of(a.stage + self.dst[a.kind]) == me:
-                    incoming.setdefault(q, []).append(("RECV_" + a.kind[-1], a.stage + self.dst[a.kind], a.mb))
-        self.send_comm, self.recv_comms = Comm(comm.group, comm.name), [Comm(comm.group, comm.name) for _ in incoming]
-        self.outbox: queue.Queue = queue.Queue()
-        self.threads = [threading.Thread(target=self._send_loop, daemon=True)] + [
-            threading.Thread(target=self._recv_loop, args=(c, q, keys, shape, dtype), daemon=True)
-            for c, (q, keys) in zip(self.recv_comms, incoming.items())]
-        for t in self.threads:
-            t.start()
 
-    def _send_loop(self):
-        while (item := self.outbox.get()) is not None:
-            try:
-                self.send_comm.send(*item)
-            except Exception as e:  # noqa: BLE001 - handed to the main thread
-                with self.cond:
-                    self.errors.append(e)
-                    self.cond.notify_all()
+def _isend(comm: Comm, t: torch.Tensor, dst: int, tag: int):
+    """Posted send (the rank carries on); counted in comm like its own send()."""
+    comm.calls["send"] += 1
+    comm.bytes["send"] += t.numel() * t.element_size()
+    return dist.isend(t, comm.global_rank(dst), group=comm.group, tag=tag)
 
-    def _recv_loop(self, comm, src, keys, shape, dtype):
-        for key in keys:
-            buf = torch.empty(shape, dtype=dtype)
-            try:
-                comm.recv(buf, src)
-            except Exception as e:  # noqa: BLE001
-                self.errors.append(e)
-            with self.cond:
-                self.box[key] = buf
-                self.cond.notify_all()
 
-    def send(self, t, dst):
-        self.outbox.put((t, dst))
-
-    def recv(self, a: Action):
-        with self.cond:
-            if not self.cond.wait_for(lambda: (a.kind, a.stage, a.mb) in self.box or self.errors, self.timeout):
-                raise RuntimeError(f"pipeline: {a} waited {self.timeout} s for its message")
-            if self.errors:
-                raise self.errors[0]
-            return self.box.pop((a.kind, a.stage, a.mb))
-
-    def close(self) -> float:
-        """Wait until every message is sent and received; bytes this rank sent."""
-        self.outbox.put(None)
-        for t in self.threads:
-            t.join()
-        if self.errors:
-            raise self.errors[0]
-        return self.send_comm.bytes["send"]
+def _recv(comm: Comm, t: torch.Tensor, src: int, tag: int) -> torch.Tensor:
+    comm.calls["recv"] += 1
+    dist.recv(t, comm.global_rank(src), group=comm.group, tag=tag)
+    return t
 
 
 @dataclass
@@ -261,16 +219,18 @@ class StepResult:
     overruns: int = 0  # compute actions longer than action_time asked for
 
 
-def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, action_time=None,
-                 timeout: float = 300.0) -> StepResult:
+def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, action_time=None) -> StepResult:
     """Run this rank's part of `schedule` on the batch (idx, targets) (B, T). Gradients accumulate
     in the stages' .grad; the loss is the mean over all target tokens, as the unsplit model's.
     action_time(action) -> seconds pads each compute action to that length (timing experiments)."""
     p, m, S, r = schedule.p, schedule.m, schedule.n_stages, comm.rank
-    if comm.world != p:
-        raise ValueError(f"schedule is for p={p} ranks, the pipeline group has {comm.world}")
+    validate(schedule)
     if idx.size(0) % m:
         raise ValueError(f"batch of {idx.size(0)} sequences does not split into m={m} equal micro-batches")
+    if comm.world != p:
+        raise ValueError(f"schedule is for p={p} ranks, the pipeline group has {comm.world}")
+    if sorted(stages) != list(range(r, S, p)):
+        raise ValueError(f"rank {r} must hold stages {list(range(r, S, p))}, got {sorted(stages)}")
     xs = [c.clone() for c in idx.chunk(m)]  # own storage per micro-batch, so its memory is its own
     ys = [c.clone() for c in targets.chunk(m)]
     n_tokens = (targets != -100).sum()
@@ -280,23 +240,25 @@ def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, act
     grad = torch.is_grad_enabled()
     for st in stages.values():
         st.store.keep = memory.keep
-    links = _Links(comm, schedule, shape, dtype, timeout)
-    inputs, outputs, grads, loss, overruns = {}, {}, {}, 0.0, 0
-    start_spans = len(comm.spans)
+    inputs, outputs, grads, loss, overruns, sends = {}, {}, {}, 0.0, 0, []
+    sent_before, start_spans = comm.bytes["send"], len(comm.spans)
     for a in schedule.ranks[r]:
         key, st = (a.stage, a.mb), stages.get(a.stage)
-        if a.kind == "RECV_F":
+        if a.kind == "RECV_F":  # from the previous stage's SEND_F, tagged as that send
             with comm.span("wait", str(a)):
-                inputs[key] = links.recv(a).requires_grad_(grad)
+                x = _recv(comm, torch.empty(shape, dtype=dtype), schedule.rank_of(a.stage - 1), _tag(a, m))
+            inputs[key] = x.requires_grad_(grad)
         elif a.kind == "RECV_B":
             with comm.span("wait", str(a)):
-                grads[key] = links.recv(a)
-        elif a.kind == "SEND_F":
-            links.send(outputs[key].detach().contiguous(), schedule.rank_of(a.stage + 1))
-            if not grad:
-                del outputs[key]
-        elif a.kind == "SEND_B":
-            links.send(inputs.pop(key).grad.contiguous(), schedule.rank_of(a.stage - 1))
+                grads[key] = _recv(comm, torch.empty(shape, dtype=dtype), schedule.rank_of(a.stage + 1), _tag(a, m))
+        elif a.kind.startswith("SEND"):
+            if a.kind == "SEND_F":
+                t, to = (outputs[key].detach() if grad else outputs.pop(key)), Action(a.stage + 1, "RECV_F", a.mb)
+            else:
+                t, to = inputs.pop(key).grad, Action(a.stage - 1, "RECV_B", a.mb)
+            t = t.contiguous()
+            sends = [(w, x) for w, x in sends if not w.is_completed()]  # keep a tensor until its send is done
+            sends.append((_isend(comm, t, schedule.rank_of(to.stage), _tag(to, m)), t))
         else:
             t0 = time.perf_counter()
             with comm.span(a.kind, str(a)):
@@ -322,7 +284,9 @@ def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, act
                     left = action_time(a) - (time.perf_counter() - t0)
                     overruns += left < 0
                     time.sleep(max(0.0, left))
-    sent = links.close()
+    for work, _ in sends:
+        work.wait()
+    sent = comm.bytes["send"] - sent_before
     spans = [s for s in comm.spans[start_spans:] if s[0] in COMPUTE]
     return StepResult(loss if S - 1 in stages else None, spans, memory.peak_live, memory.peak_bytes, sent, overruns)
 
