@@ -92,8 +92,9 @@ def main(argv=None):
         targets[f"p={p} m=8: ZB-H1 bubble vs 1F1B's"] = {
             "target": "<= 0.5x", "measured": zb["bubble"], "baseline": one["bubble"],
             "ratio": zb["bubble"] / one["bubble"], "met": zb["bubble"] / one["bubble"] <= 0.5}
-        mem, base = max(one["peak_bytes"]), max(gp["peak_bytes"])
-        targets[f"p={p} m=8: 1F1B peak activation bytes vs GPipe's"] = {
+        worst = max(range(p), key=lambda r: one["peak_bytes"][r] / gp["peak_bytes"][r])  # rank 0: p vs m
+        mem, base = one["peak_bytes"][worst], gp["peak_bytes"][worst]
+        targets[f"p={p} m=8: 1F1B peak activation bytes vs GPipe's (rank {worst}, the largest ratio)"] = {
             "target": f"<= p/m + 10% = {p / 8 + 0.1:.3f}", "measured": mem, "baseline": base,
             "ratio": mem / base, "met": mem / base <= p / 8 + 0.1}
     out = {"machine": machine_info(),

@@ -104,20 +104,20 @@ def explorer():
                          schedule=w.Dropdown(options=SCHEDULES, value="interleaved"))
 
 
-def run_lesson(timing, cases, naive, torch_cases, timeout: float = 600.0) -> dict:
-    """The lesson's launch on p ranks (one thread each): timelines of every case (measured with padded
-    actions), the naive pipeline with real compute, PyTorch's schedules; returned per case."""
+def run_lesson(timing, cases, naive, torch_cases, train_case, p: int = 4, timeout: float = 600.0) -> dict:
+    """The lesson's one launch on p ranks (one thread each): the naive pipeline with real compute, every
+    case with padded action times, training through course.train.train, PyTorch's schedules."""
     from ..parallel.pp_experiments import lesson
 
-    p = 4
-    values = launch.run(lesson, p, timing, cases, naive, torch_cases, timeout=timeout, threads=1).values
+    values = launch.run(lesson, p, timing, cases, naive, torch_cases, train_case, timeout=timeout, threads=1).values
     out = {"naive": timeline([v["naive"]["spans"] for v in values], p), "link_s": values[0]["timed"]["link_s"],
-           "torch": [v["torch"] for v in values], "cases": {}}
+           "torch": [v["torch"] for v in values], "train": [v["train"] for v in values], "cases": {}}
     for i, (name, m, v) in enumerate(cases):
         rows = [vals["timed"]["cases"][i] for vals in values]
         out["cases"][(name, m, v)] = {"timeline": timeline([r["spans"] for r in rows], p),
                                       "peak_live": [r["peak_live"] for r in rows],
                                       "peak_bytes": [r["peak_bytes"] for r in rows],
+                                      "sent_bytes": [r["sent_bytes"] for r in rows],
                                       "overruns": sum(r["overruns"] for r in rows)}
     return out
 
@@ -134,6 +134,15 @@ def simulate_cases(timing, cases, link: float, p: int = 4) -> dict:
         sched = make(name, p, m, v)
         out[(name, m, v)] = simulate(sched, action_seconds(timing, sched), link=link)
     return out
+
+
+def replay(measured, schedule, link: float):
+    """The simulator given the measured duration of every action (and the measured link): the earliest
+    each action could have started. Never later than measured, since every measured start already
+    follows its rank's previous action and its message (tested); the difference is time lost between
+    actions (Python, scheduling, waking up)."""
+    took = {a: e - s for ev in measured.events for a, s, e in ev}
+    return simulate(schedule, lambda a: took[a], link=link)
 
 
 def plot_bubbles(measured: dict, simulated: dict, p: int, ax=None):

@@ -133,6 +133,7 @@ def link_seconds(comm: Comm, shape, dtype=torch.float32, repeats: int = 20) -> f
 def timed(setup: Setup, cases, repeats: int = 2, dims=None) -> dict:
     """Each case with padded action times; of `repeats` runs the one with the shortest step. Plus the link."""
     comm, out = _comm(dims), []
+    _one(setup, *cases[0], comm)  # warm-up: the first backward of a process pays one-time costs
     for name, m, v in cases:
         runs, lengths = [_one(setup, name, m, v, comm, pad=True) for _ in range(repeats)], []
         for run in runs:  # the step's length as all ranks saw it: latest end - earliest start
@@ -234,12 +235,15 @@ def suite(setup: Setup, p4_cases, p2_cases, train_case, torch_cases) -> dict:
             "torch": torch_pipelining(setup, torch_cases, two)}
 
 
-def lesson(timing: Setup, cases, naive: Setup, torch_cases) -> dict:
-    """Lesson 07's launch: the naive pipeline with real compute, the padded cases, PyTorch's schedules."""
+def lesson(timing: Setup, cases, naive: Setup, torch_cases, train_case, repeats: int = 1) -> dict:
+    """Lesson 07's launch: the naive pipeline with real compute, the padded cases, training through the
+    loop, PyTorch's schedules (last: the one part that may hang)."""
     comm = _comm()
+    _one(naive, "gpipe", 1, 1, comm)  # warm-up
     real = _one(naive, "gpipe", 1, 1, comm)
-    return {"naive": real, "timed": timed(timing, cases),
-            "torch": torch_pipelining(replace(timing, dtype="float64"), torch_cases)}
+    exact = replace(timing, dtype="float64")
+    return {"naive": real, "timed": timed(timing, cases, repeats), "train": train_both(exact, *train_case),
+            "torch": torch_pipelining(exact, torch_cases)}
 
 
 def _cli(setup: Setup, cases) -> list[dict]:
