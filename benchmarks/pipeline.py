@@ -14,7 +14,8 @@ case, the one with the shortest step is kept. Targets:
   simulator and of (p-1)/(m+p-1);
 - interleaved 1F1B with v = 2 cuts 1F1B's measured bubble by >= 1.6x (m = 8);
 - ZB-H1's measured bubble <= 0.5x 1F1B's (m = 8; the paper's regime m >= p);
-- 1F1B's measured peak activation bytes at m = 8 <= p/m of GPipe's + 10%.
+- 1F1B's measured peak activation bytes at m = 8 <= p/m of GPipe's + 10% (on the rank where the ratio
+  is largest: rank 0, p against m micro-batches).
 
     python benchmarks/pipeline.py            # 2 and 4 gloo ranks
     python benchmarks/pipeline.py --gpu      # same (gloo on the CPU: one GPU cannot host 2 NCCL ranks)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -66,9 +68,12 @@ def measure(setup: Setup, p: int, repeats: int) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true", help="accepted for run_gpu.sh; the ranks are gloo CPU ranks")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--layer-ms", type=float, default=10.0, help="padded forward time per layer")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per case (default 3; 2 with --gpu)")
+    ap.add_argument("--layer-ms", type=float, default=None,
+                    help="padded forward time per layer (default 20 ms; 10 with --gpu, a quiet many-core host)")
     args = ap.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.gpu else 3)
+    args.layer_ms = args.layer_ms or (10.0 if args.gpu else 20.0)
     setup = Setup(dtype="float32", layer_seconds=args.layer_ms / 1e3)
     res = {}
     for p in (2, 4):
@@ -95,13 +100,13 @@ def main(argv=None):
         worst = max(range(p), key=lambda r: one["peak_bytes"][r] / gp["peak_bytes"][r])  # rank 0: p vs m
         mem, base = one["peak_bytes"][worst], gp["peak_bytes"][worst]
         targets[f"p={p} m=8: 1F1B peak activation bytes vs GPipe's (rank {worst}, the largest ratio)"] = {
-            "target": f"<= p/m + 10% = {p / 8 + 0.1:.3f}", "measured": mem, "baseline": base,
-            "ratio": mem / base, "met": mem / base <= p / 8 + 0.1}
+            "target": f"<= p/m + 10% = {1.1 * p / 8:.3f}", "measured": mem, "baseline": base,
+            "ratio": mem / base, "met": mem / base <= 1.1 * p / 8}
     out = {"machine": machine_info(),
            "config": {"ranks": [2, 4], "threads_per_rank": 1, "backend": "gloo", "n_layer": setup.n_layer,
                       "n_embd": setup.n_embd, "seq_len": setup.seq_len, "batch": setup.batch_size,
                       "layer_seconds": setup.layer_seconds, "B_over_F": 2, "I_W_over_F": 1, "repeats": args.repeats,
-                      "statistic": "shortest step of the repeats",
+                      "statistic": "shortest step of the repeats", "load_average_1min": os.getloadavg()[0],
                       "note": "gloo CPU ranks with padded action times, also under --gpu"},
            "measured": res, "targets": targets, "met": all(t["met"] for t in targets.values())}
     print(json.dumps(out))

@@ -175,6 +175,8 @@ class ActivationMemory:
         weakref.finalize(st, self._free, ptr)
 
     def _free(self, ptr):
+        if ptr not in self.owner:
+            return
         tag, n = self.owner.pop(ptr)
         self.current -= n
         self.bytes_by_tag[tag] -= n

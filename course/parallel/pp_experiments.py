@@ -1,7 +1,7 @@
 """Pipeline experiments run on every rank of a process group (lesson 07, tests, benchmark).
 
-    torchrun --standalone --nproc-per-node=2 -m course.parallel.pp_experiments          # check + time
-    python -m course.parallel.pp_experiments --nproc 4 --m 8                            # spawn 4 ranks
+    torchrun --standalone --nproc-per-node=2 -m course.parallel.pp_experiments      # check + time
+    python -m course.parallel.pp_experiments --ranks 4 --micro-batches 8            # spawn 4 ranks
 
 - `check(setup, cases)`: each (schedule, m, v) on the same batch; loss and every gradient against
   the unsplit model, measured peak live activations, the timeline.
@@ -248,9 +248,13 @@ def lesson(timing: Setup, cases, naive: Setup, torch_cases, train_case, repeats:
 
 def _cli(setup: Setup, cases) -> list[dict]:
     checked, measured = check(setup, cases), timed(replace(setup, dtype="float32"), cases)["cases"]
-    return [{"schedule": c["schedule"], "m": c["m"], "v": c["v"], "rank": c["rank"], "grad_rel_diff": c["grad_rel_diff"],
-             "peak_live": c["peak_live"], "busy_s": sum(e - s for _, _, s, e in t["spans"]),
-             "end_s": max(e for *_, e in t["spans"])} for c, t in zip(checked, measured)]
+    out = []
+    for c, t in zip(checked, measured):  # per rank: its own busy time within its own first-to-last action
+        span = max(e for *_, e in t["spans"]) - min(s for _, _, s, _ in t["spans"])
+        out.append({"schedule": c["schedule"], "m": c["m"], "v": c["v"], "rank": c["rank"],
+                    "grad_rel_diff": c["grad_rel_diff"], "peak_live": c["peak_live"],
+                    "busy_s": sum(e - s for _, _, s, e in t["spans"]), "rank_span_s": span})
+    return out
 
 
 def main(argv=None):
@@ -258,13 +262,12 @@ def main(argv=None):
     from . import launch
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not under torchrun")
-    ap.add_argument("--m", type=int, default=4, help="micro-batches")
+    ap.add_argument("--ranks", type=int, default=2, help="ranks to spawn when not under torchrun")
+    ap.add_argument("--micro-batches", type=int, default=4)
     args = ap.parse_args(argv)
-    p = int(os.environ.get("WORLD_SIZE", args.nproc))
-    cases = [("gpipe", args.m, 1), ("1f1b", args.m, 1), ("zb-h1", args.m, 1)]
-    cases += [("interleaved", args.m, 2)] if args.m % p == 0 else []
-    for rows in launch.main(_cli, Setup(), cases, nproc=args.nproc):
+    p, m = int(os.environ.get("WORLD_SIZE", args.ranks)), args.micro_batches
+    cases = [("gpipe", m, 1), ("1f1b", m, 1), ("zb-h1", m, 1)] + ([("interleaved", m, 2)] if m % p == 0 else [])
+    for rows in launch.main(_cli, Setup(), cases, nproc=args.ranks):
         for row in rows:
             print(json.dumps(row))
 
