@@ -112,9 +112,11 @@ def check(setup: Setup, cases, dims=None) -> list[dict]:
     return [_one(setup, name, m, v, comm, ref) for name, m, v in cases]
 
 
-def link_seconds(comm: Comm, shape, dtype=torch.float32, repeats: int = 20) -> float:
-    """One-way time of one activation message between group ranks 0 and 1: half the fastest round trip."""
-    t, best = torch.zeros(shape, dtype=dtype), float("inf")
+def link_seconds(comm: Comm, shape, dtype=torch.float32, repeats: int = 21) -> tuple[float, float]:
+    """One-way time of one activation message between group ranks 0 and 1, from round trips: (fastest,
+    median). The fastest is a lower bound on every message's latency; the median includes the usual
+    wait for a blocked rank to be woken and scheduled, which on a busy machine is most of it."""
+    t, trips = torch.zeros(shape, dtype=dtype), []
     for _ in range(repeats):
         dist.barrier(group=comm.group)
         start = time.perf_counter()
@@ -124,10 +126,10 @@ def link_seconds(comm: Comm, shape, dtype=torch.float32, repeats: int = 20) -> f
         elif comm.rank == 1:
             comm.recv(t, 0)
             comm.send(t, 0)
-        best = min(best, time.perf_counter() - start)
-    out = torch.tensor([best / 2])
+        trips.append(time.perf_counter() - start)
+    out = torch.tensor([min(trips) / 2, sorted(trips)[len(trips) // 2] / 2], dtype=torch.float64)
     comm.broadcast(out, 0)
-    return out.item()
+    return out[0].item(), out[1].item()
 
 
 def timed(setup: Setup, cases, repeats: int = 2, dims=None) -> dict:
@@ -143,7 +145,8 @@ def timed(setup: Setup, cases, repeats: int = 2, dims=None) -> dict:
             lengths.append(-t[1].item() - t[0].item())
         out.append(runs[min(range(repeats), key=lengths.__getitem__)])
     shape = (setup.batch_size // max(m for _, m, _ in cases), setup.seq_len, setup.n_embd)
-    return {"cases": out, "link_s": link_seconds(comm, shape, getattr(torch, setup.dtype))}
+    fastest, median = link_seconds(comm, shape, getattr(torch, setup.dtype))
+    return {"cases": out, "link_s": fastest, "link_median_s": median}
 
 
 def _torch_cases(setup: Setup, cases, comm: Comm) -> list[dict]:
