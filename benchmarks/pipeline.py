@@ -5,6 +5,9 @@ padded to a fixed time (`course.parallel.pp_experiments.action_seconds`: layer_s
 F, I and W, twice that for B) by sleeping after its real compute (a tiny model, far shorter). Ranks
 that sleep do not compete for the cores, so 2 or 4 ranks (one thread each) on 2 cores measure the
 schedule, not the CPU's contention; the few actions whose compute ran past the pad are counted.
+What the pads cannot absorb is a fixed cost between actions (the Python loop, posting a send, waking a
+rank blocked in a receive: about a millisecond on a quiet machine, far more when other processes keep
+the cores busy), so the default pad is 40 ms per layer; the 1-minute load average is recorded.
 The simulator gets the same action times and the measured one-way link time of one activation (the
 median of 21 round trips: it includes waking a blocked rank, most of a message's cost on a busy CPU).
 
@@ -71,10 +74,10 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true", help="accepted for run_gpu.sh; the ranks are gloo CPU ranks")
     ap.add_argument("--repeats", type=int, default=None, help="runs per case (default 3; 2 with --gpu)")
     ap.add_argument("--layer-ms", type=float, default=None,
-                    help="padded forward time per layer (default 20 ms; 10 with --gpu, a quiet many-core host)")
+                    help="padded forward time per layer (default 40 ms; 30 with --gpu, to fit run_gpu.sh's 150 s)")
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (2 if args.gpu else 3)
-    args.layer_ms = args.layer_ms or (10.0 if args.gpu else 20.0)
+    args.layer_ms = args.layer_ms or (30.0 if args.gpu else 40.0)
     setup = Setup(dtype="float32", layer_seconds=args.layer_ms / 1e3)
     res = {}
     for p in (2, 4):

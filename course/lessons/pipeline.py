@@ -104,12 +104,15 @@ def explorer():
                          schedule=w.Dropdown(options=SCHEDULES, value="interleaved"))
 
 
-def run_lesson(timing, cases, naive, torch_cases, train_case, p: int = 4, timeout: float = 600.0) -> dict:
+def run_lesson(timing, cases, naive, torch_cases, train_case, p: int = 4, repeats: int = 2,
+               timeout: float = 600.0) -> dict:
     """The lesson's one launch on p ranks (one thread each): the naive pipeline with real compute, every
-    case with padded action times, training through course.train.train, PyTorch's schedules."""
+    case with padded action times (the shortest of `repeats` runs), training through course.train.train,
+    PyTorch's schedules."""
     from ..parallel.pp_experiments import lesson
 
-    values = launch.run(lesson, p, timing, cases, naive, torch_cases, train_case, timeout=timeout, threads=1).values
+    values = launch.run(lesson, p, timing, cases, naive, torch_cases, train_case, repeats, timeout=timeout,
+                        threads=1).values
     out = {"naive": timeline([v["naive"]["spans"] for v in values], p), "link_s": values[0]["timed"]["link_s"],
            "torch": [v["torch"] for v in values], "train": [v["train"] for v in values], "cases": {}}
     for i, (name, m, v) in enumerate(cases):

@@ -110,6 +110,7 @@ except ValueError as e:
 # I, W of a split backward), twice that for a full backward, by sleeping after its real compute (a
 # tiny model, far shorter). A sleeping rank does not use a core, so four ranks on two cores still show
 # the schedule and not the CPU's contention; the actions whose compute ran past the pad are counted.
+Of two runs of each case, the one with the shorter step is kept.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
