@@ -276,3 +276,50 @@ def score_matrix_bytes(seq_len: int, n_head: int, batch: int = 1, n_layer: int =
                     ("bytes_per_el", bytes_per_el)):
         _positive(name, v)
     return n_layer * n_head * batch * seq_len * seq_len * bytes_per_el
+
+
+# ----------------------------------------------------------------------------- pipeline parallelism
+# p pipeline stages (one per rank), m micro-batches per step, v model chunks per rank (interleaving);
+# t_f, t_b: forward and backward time of one micro-batch on one stage. Two normalizations of the
+# same idle time are in use, and a plot must say which it shows:
+#   idle share   = idle / (idle + busy)   GPipe's (p-1)/(m+p-1)
+#   bubble ratio = idle / busy            Megatron-LM's (p-1)/m, (p-1)/(v·m) with interleaving
+# (busy = the ideal, bubble-free time m·(t_f + t_b)); ratio = share / (1 - share).
+
+
+def _pipeline_sizes(p, m, v=1) -> None:
+    for name, value in (("p", p), ("m", m), ("v", v)):
+        _positive(name, value)
+
+
+def gpipe_bubble_fraction(p: int, m: int) -> float:
+    """Idle share of a GPipe (or 1F1B) step, (p-1)/(m+p-1): Huang et al. 2019, "GPipe", section 2.2
+    (bubble overhead O((K-1)/(M+K-1)) for K partitions and M micro-batches); equal stage times, no link cost."""
+    _pipeline_sizes(p, m)
+    return (p - 1) / (m + p - 1)
+
+
+def megatron_bubble_ratio(p: int, m: int, v: int = 1) -> float:
+    """Bubble time over ideal time, (p-1)/(v·m): Narayanan et al. 2021, "Efficient large-scale language model
+    training on GPU clusters using Megatron-LM", section 2.2.1 (GPipe and 1F1B, v = 1) and 2.2.2 (interleaved)."""
+    _pipeline_sizes(p, m, v)
+    return (p - 1) / (v * m)
+
+
+def zb_h1_bubble_time(p: int, t_f: float, t_b: float, t_w: float) -> float:
+    """Idle time per rank of ZB-H1, (p-1)(t_f + t_b - t_w), with t_b the input-gradient pass and t_w the
+    weight-gradient pass; 1F1B's is (p-1)(t_f + t_b + t_w). Qi et al. 2023, "Zero Bubble Pipeline
+    Parallelism", section 3.1 (holds when t_w <= t_f + t_b and m >= p)."""
+    _pipeline_sizes(p, 1)
+    for name, value in (("t_f", t_f), ("t_b", t_b), ("t_w", t_w)):
+        _positive(name, value, integer=False)
+    return (p - 1) * (t_f + t_b - t_w)
+
+
+def pipeline_hop_elements(b: int, s: int, h: int) -> int:
+    """Elements one stage sends the next per micro-batch (activations forward; their gradient comes back
+    the same size): b·s·h. Narayanan et al. 2021, section 3.2, beside tensor parallelism's all-reduces of
+    b·s·h twice in the forward and twice in the backward pass of every layer (8bsh(t-1)/t per layer)."""
+    for name, value in (("b", b), ("s", s), ("h", h)):
+        _positive(name, value)
+    return b * s * h
