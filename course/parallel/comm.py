@@ -84,7 +84,10 @@ class Comm:
         start = self.now()
         work = call()
         if async_op:
-            work.get_future().then(lambda fut: self.spans.append(("comm", name or op, start, self.now())))
+            if op == "send":  # gloo's point-to-point work has no future: the span is the posting
+                self.spans.append(("comm", name or op, start, self.now()))
+            else:
+                work.get_future().then(lambda fut: self.spans.append(("comm", name or op, start, self.now())))
             return work
         self.spans.append(("comm", name or op, start, self.now()))
         return None
@@ -117,15 +120,18 @@ class Comm:
         return self._launch("broadcast", _nbytes(t), name, False,
                             lambda: dist.broadcast(t, self.global_rank(src), group=self.group))
 
-    def send(self, t: torch.Tensor, dst: int, name: str = ""):
-        """Point to point: t to group rank `dst` (blocking until the receiver has it, on gloo)."""
-        return self._launch("send", _nbytes(t), name, False,
-                            lambda: dist.send(t, self.global_rank(dst), group=self.group))
+    def send(self, t: torch.Tensor, dst: int, name: str = "", tag: int = 0, async_op: bool = False):
+        """Point to point: t to group rank `dst`. Blocking (until the receiver has it, on gloo) or, with
+        async_op, posted (returns a work handle; the rank carries on). `tag` pairs it with its recv."""
+        dst = self.global_rank(dst)
+        call = (lambda: dist.isend(t, dst, group=self.group, tag=tag)) if async_op else \
+            (lambda: dist.send(t, dst, group=self.group, tag=tag))
+        return self._launch("send", _nbytes(t), name, async_op, call)
 
-    def recv(self, t: torch.Tensor, src: int, name: str = ""):
-        """Point to point: fill t from group rank `src`."""
+    def recv(self, t: torch.Tensor, src: int, name: str = "", tag: int = 0):
+        """Point to point: fill t from group rank `src` (the send with the same tag)."""
         return self._launch("recv", _nbytes(t), name, False,
-                            lambda: dist.recv(t, self.global_rank(src), group=self.group))
+                            lambda: dist.recv(t, self.global_rank(src), group=self.group, tag=tag))
 
     def summary(self) -> dict:
         return {"group": self.name, "world": self.world, "calls": dict(self.calls), "bytes": dict(self.bytes),

@@ -199,15 +199,12 @@ def _tag(a: Action, m: int) -> int:
 
 
 def _isend(comm: Comm, t: torch.Tensor, dst: int, tag: int):
-    """Posted send (the rank carries on); counted in comm like its own send()."""
-    comm.calls["send"] += 1
-    comm.bytes["send"] += t.numel() * t.element_size()
-    return dist.isend(t, comm.global_rank(dst), group=comm.group, tag=tag)
+    """Posted send (the rank carries on), counted by comm."""
+    return comm.send(t, dst, name=f"send tag {tag}", tag=tag, async_op=True)
 
 
 def _recv(comm: Comm, t: torch.Tensor, src: int, tag: int) -> torch.Tensor:
-    comm.calls["recv"] += 1
-    dist.recv(t, comm.global_rank(src), group=comm.group, tag=tag)
+    comm.recv(t, src, name=f"recv tag {tag}", tag=tag)
     return t
 
 
