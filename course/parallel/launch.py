@@ -7,8 +7,8 @@
     torchrun --nproc-per-node=2 -m course.parallel.train --strategy zero2   # same worker, torchrun's env
 
 The rules a reader should know (checked here: torch 2.13 CPU, gloo):
-- fn must live in an importable module: each rank is a fresh interpreter (start method "spawn",
-  about 3 s of CPU to import torch) that imports fn by name. Arguments are checked before spawning.
+- fn must live in an importable module: each rank is a fresh interpreter (start method "spawn"; its
+  `import torch` took about 3 s of CPU here) that imports fn by name. Arguments are checked before spawning.
 - Backend: NCCL when CUDA is present, gloo otherwise, decided in `backend()` only. On CPU keep
   everything fp32 (gloo has weak bf16 support).
 - A rank reports once: its return value or its traceback. Ending any other way fails the run at once,
@@ -42,9 +42,12 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import namedtuple
+from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Callable, NamedTuple
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -174,20 +177,14 @@ def _worker(rank, world_size, port, job, threads, log_dir, conn, pg_timeout):
         conn.send_bytes(pickle.dumps(("error", time.monotonic(), (traceback.format_exc(), last))))
     finally:
         if dist.is_initialized():
-            try:
+            with suppress(Exception):
                 dist.destroy_process_group()
-            except Exception:
-                pass
         log.flush()
 
 
-class _Cause(NamedTuple):  # sorts in blame order: order (0 died, 1 raised, 2 consequence), time, rank
-    order: int
-    time: float
-    rank: int
-    detail: str
-    exitcode: int | None = None
-    signal: signal.Signals | None = None
+# Sorts in blame order: order (0 died without reporting, 1 raised, 2 raised a consequence), then time (the
+# rank's clock when it raised: time.monotonic is system-wide on Linux; the parent's when it saw a death), rank.
+_Cause = namedtuple("_Cause", "order time rank detail exitcode signal", defaults=(None, None))
 
 
 def _died(rank: int, code: int, now: float, after_report: bool) -> _Cause:
@@ -213,10 +210,8 @@ def _watch(procs, conns, start: float, timeout: float):
             code = None if r in codes else p.exitcode  # read before the pipe: a report sent before exiting is there
             if r in listening and conns[r].poll():
                 listening.discard(r)
-                try:
+                with suppress(EOFError, OSError):  # fails when it ended without a report (or while sending it)
                     reports[r] = pickle.loads(conns[r].recv_bytes())
-                except (EOFError, OSError):  # ended without a report (or died while sending it)
-                    pass
                 if r in reports and reports[r][0] == "error":
                     tb, last = reports[r][2]
                     order = 2 if any(c in last.lower() for c in CONSEQUENCES) else 1
@@ -240,12 +235,11 @@ def _watch(procs, conns, start: float, timeout: float):
 
 def _stop(procs) -> None:
     """SIGTERM each rank's process group, SIGKILL after TERM_WAIT (sooner when all are gone), reap."""
-    def signal_group(p, sig):  # True while the rank, or something it started, is in the group it leads
-        try:
+    def signal_group(p, sig):  # True while the group the rank leads has members (it, or what it started)
+        with suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, sig)
             return True
-        except (ProcessLookupError, PermissionError):
-            return False
+        return False
 
     procs = [p for p in procs if p.pid is not None]
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -261,21 +255,9 @@ def _stop(procs) -> None:
         p.join()
 
 
-def _read_logs(log_dir: str, world_size: int) -> dict[int, str | None]:
-    logs = {}
-    for rank in range(world_size):
-        try:
-            with open(os.path.join(log_dir, f"rank{rank}.log")) as f:
-                logs[rank] = f.read()
-        except OSError:
-            logs[rank] = None  # the rank died before its worker ran (in spawn's bootstrap)
-    shutil.rmtree(log_dir, ignore_errors=True)
-    return logs
-
-
-def _tail(logs, rank: int) -> str:
-    if logs[rank] is None:
-        return f"--- rank {rank} died before its worker started: spawn's error went to this process's stderr ---"
+def _tail(logs, rank: int, no_log: str) -> str:
+    if logs[rank] is None:  # no log file: _worker had not run yet (spawn's bootstrap imports torch first)
+        return f"--- rank {rank} {no_log} before its worker started (no log) ---"
     return f"--- rank {rank} log (tail) ---\n{logs[rank][-1500:]}"
 
 
@@ -297,9 +279,8 @@ def run(fn: Callable, world_size: int, *args, timeout: float = 120.0, port: int 
 
     ctx = mp.get_context("spawn")
     log_dir = tempfile.mkdtemp(prefix="course-parallel-")
-    procs, conns, start = [], [], time.monotonic()
+    procs, conns, start, omp_before = [], [], time.monotonic(), os.environ.get("OMP_NUM_THREADS")
     try:
-        omp_before = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = str(threads)  # children inherit the environment at start()
         try:
             for rank in range(world_size):
@@ -320,16 +301,21 @@ def run(fn: Callable, world_size: int, *args, timeout: float = 120.0, port: int 
         _stop(procs)  # every way out, success included: ranks blocked in a collective, grandchildren
         for c in conns:
             c.close()
-        logs = _read_logs(log_dir, world_size)
+        logs = {}
+        for rank in range(world_size):
+            path = Path(log_dir, f"rank{rank}.log")
+            logs[rank] = path.read_text(errors="replace") if path.exists() else None
+        shutil.rmtree(log_dir, ignore_errors=True)
     if outcome == "timeout":
         raise TimeoutError(f"run did not finish within timeout={timeout} s (ranks {found} had not reported); all "
-                           f"ranks were stopped.\n" + "\n".join(_tail(logs, r) for r in logs))
+                           f"ranks were stopped.\n" + "\n".join(_tail(logs, r, "was stopped") for r in logs))
     text = {r: log or "" for r, log in logs.items()}
     if outcome == "failed":
         cause, others = found[0], "".join(f"\n  {c.detail.splitlines()[0][:300]}" for c in found[1:])
         others = f"\nalso failed (later, or as a consequence):{others}" if others else ""
-        raise RankFailed(cause.rank, f"{cause.detail}{others}\n{_tail(logs, cause.rank)}", text, cause.exitcode,
-                         cause.signal)
+        no_log = "died (spawn's error, if any, went to this process's stderr)"
+        raise RankFailed(cause.rank, f"{cause.detail}{others}\n{_tail(logs, cause.rank, no_log)}", text,
+                         cause.exitcode, cause.signal)
     return RunResult(found, [text[r] for r in range(world_size)], time.monotonic() - start)
 
 
