@@ -21,7 +21,8 @@ The rules a reader should know (checked here: torch 2.13 CPU, gloo):
   order: a rank that died without reporting, one that raised its own exception, one whose error reads
   like a consequence (CONSEQUENCES); within a group the earliest, then the lowest rank. `RankFailed`
   has that rank, its exit code and signal (None when it raised) and every rank's log.
-- A run that exceeds `timeout` is stopped and raises `TimeoutError`.
+- A run that exceeds `timeout` (start-up included: over 60 s for two ranks on an overloaded 2-core
+  machine here) is stopped and raises `TimeoutError`.
 - Each rank leads its own process group (os.setsid); on every way out of run() the parent sends each
   group SIGTERM, then SIGKILL: nothing a rank started outlives run() unless it left the group (setsid,
   daemons). Orphans go to init; an init that does not reap (this container's) leaves zombies, not processes.
