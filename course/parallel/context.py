@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -52,7 +53,8 @@ def check_sequence(T: int, world: int, layout: str) -> None:
     if T % n:
         near = sorted({max(n, T // n * n), -(-T // n) * n})
         raise ValueError(f"sequence length {T} does not split into {n} equal chunks ({layout} layout on {world} "
-                         f"ranks): use a length in {near}, or a context-parallel size dividing {T}")
+                         f"ranks): use a length in {near}, or a context-parallel size N with "
+                         f"{'2N' if layout == 'zigzag' else 'N'} dividing {T}")
 
 
 def shard_positions(T: int, rank: int, world: int, layout: str = "zigzag") -> torch.Tensor:
@@ -91,19 +93,29 @@ def shard_position_embedding(emb: nn.Embedding, layout: str, world: int, rank: i
 # ----------------------------------------------------------------------------- one ring
 
 
-def ring_pass(comm, t: torch.Tensor, name: str) -> torch.Tensor:
-    """Send t to rank+1, receive the previous rank's (even ranks send first: no deadlock)."""
-    if comm.world == 1:
-        return t
-    got = torch.empty_like(t)
-    nxt, prev = (comm.rank + 1) % comm.world, (comm.rank - 1) % comm.world
-    if comm.rank % 2 == 0:
-        comm.send(t, nxt, name=name)
-        comm.recv(got, prev, name=name)
-    else:
-        comm.recv(got, prev, name=name)
-        comm.send(t, nxt, name=name)
-    return got
+class RingPass:
+    """One hop in flight: isend to rank+1 and irecv from rank-1 at once (no send/recv ordering to get
+    right), so the step's compute overlaps the transfer, as in Liu et al. 2023. Counted on `comm` exactly
+    as Comm.send / Comm.recv count (Comm has no asynchronous point-to-point; blocking dist.send under a
+    TorchDispatchMode such as LiveTensors also takes seconds per call on gloo in torch 2.13)."""
+
+    def __init__(self, comm, t: torch.Tensor, name: str):
+        self.comm, self.name, self.sent = comm, name, t.contiguous()
+        self.got = torch.empty_like(self.sent)
+        self.start = comm.now()
+        comm.calls["send"] += 1
+        comm.calls["recv"] += 1
+        comm.bytes["send"] += self.sent.numel() * self.sent.element_size()
+        comm.bytes["recv"] += 0.0
+        nxt = comm.global_rank((comm.rank + 1) % comm.world)
+        prev = comm.global_rank((comm.rank - 1) % comm.world)
+        self.works = [dist.isend(self.sent, nxt, group=comm.group), dist.irecv(self.got, prev, group=comm.group)]
+
+    def wait(self) -> torch.Tensor:
+        for work in self.works:
+            work.wait()
+        self.comm.spans.append(("comm", self.name, self.start, self.comm.now()))
+        return self.got
 
 
 def _tiles(qpos, kpos, n_chunks: int, causal: bool, mask_mod, H: int):
@@ -139,6 +151,7 @@ class _Ring(torch.autograd.Function):
         kv = torch.stack([k, v])  # (2, B, H, T/N, hs): what travels
         for step in range(w):
             src = (r - step) % w  # whose keys and values this rank holds now
+            hop = RingPass(comm, kv, f"k, v (step {step})") if step < w - 1 else None  # next block, in flight
             with comm.span("compute", f"ring step {step}"):
                 tiles = list(_tiles(pos[r], pos[src], n_chunks, causal, mask_mod, H))
                 for qs, ks, mask in tiles:
@@ -152,8 +165,8 @@ class _Ring(torch.autograd.Function):
                     lse[:, :, qs] = new
                 if stats is not None:
                     _count(stats, tiles, B, H, q.size(2) // n_chunks, step)
-            if step < w - 1:
-                kv = ring_pass(comm, kv, f"k, v (step {step})")
+            if hop is not None:
+                kv = hop.wait()
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.comm, ctx.causal, ctx.layout, ctx.mask_mod, ctx.scale = comm, causal, layout, mask_mod, scale
         return out
@@ -171,6 +184,7 @@ class _Ring(torch.autograd.Function):
         kv, dkv = torch.stack([k, v]), torch.zeros(2, *k.shape, dtype=k.dtype, device=k.device)
         for step in range(w):
             src = (r - step) % w
+            hop = RingPass(comm, kv, f"k, v (backward step {step})") if step < w - 1 else None
             with comm.span("compute", f"ring step {step} (backward)"):
                 for qs, ks, mask in _tiles(pos[r], pos[src], chunks_per_rank(ctx.layout), ctx.causal, ctx.mask_mod, H):
                     kt, vt = kv[0][:, :, ks], kv[1][:, :, ks]
@@ -179,9 +193,10 @@ class _Ring(torch.autograd.Function):
                     ds = p * (dout[:, :, qs] @ vt.transpose(-2, -1) - delta[:, :, qs])  # dS = P (dP - delta)
                     dq[:, :, qs] += (ds @ kt) * scale
                     dkv[0][:, :, ks] += (ds.transpose(-2, -1) @ q[:, :, qs]) * scale  # dK
-            if step < w - 1:
-                kv = ring_pass(comm, kv, f"k, v (backward step {step})")
-            dkv = ring_pass(comm, dkv, f"dk, dv (backward step {step})")  # the last hop brings them home
+            if hop is not None:
+                kv = hop.wait()
+            if w > 1:  # the last hop brings dK, dV home
+                dkv = RingPass(comm, dkv, f"dk, dv (backward step {step})").wait()
         return dq, dkv[0], dkv[1], None, None, None, None, None, None
 
 

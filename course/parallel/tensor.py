@@ -241,6 +241,9 @@ def apply_tensor_parallel(model, group, sequence_parallel: bool = False, within_
     check_divisible("n_embd", cfg.n_embd, t)
     check_divisible("vocab_size", cfg.vocab_size, t)
     comm = group.comm("tensor") if isinstance(group, Mesh) else group
+    if comm.world != t:
+        raise ValueError(f"the mesh's tensor dimension has {t} ranks but this process's group has {comm.world}: "
+                         f"make the Mesh inside the process group (after init), with tensor={comm.world} or less")
     param_comm = type(comm)(comm.group, name=f"{comm.name} (parameter gradients)")
     sp = bool(sequence_parallel)
     for i, block in enumerate(model.blocks):
