@@ -69,6 +69,8 @@ def check_attention(B=2, H=4, T=32, D=8, layout="zigzag", causal=True, method="r
     ref.backward(dout)
     mine = [shard_sequence(t, rank, w, layout, dim=2).requires_grad_() for t in (q, k, v)]
     comm, stats = Comm(name="context"), {}
+    if dist.is_initialized():
+        dist.barrier()  # start together: the timeline shows the ring, not the ranks' skew
     if method == "ring":
         out = ring_attention(*mine, comm, causal=causal, layout=layout, pattern=pat, stats=stats)
     else:

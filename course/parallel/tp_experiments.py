@@ -204,37 +204,58 @@ def tp_checks(setup: Setup, dtensor: bool = True, recompute: bool = True) -> dic
     return out
 
 
-def time_tp(setup: Setup, sequence_parallel: bool = False, rounds: int = 5) -> dict:
-    """Step time of the split model on this rank (minimum over steps after the first of each round) and the
-    seconds its activation collectives took within the measured steps (Comm's timeline)."""
-    model = parallelize(build_model(setup), Plan(tensor_parallel=True, sequence_parallel=sequence_parallel),
-                        mesh=Mesh(tensor=_world()[1]))
-    return _time(model, setup, rounds, comm=model.tp_comm)
-
-
-def time_whole(setup: Setup, rounds: int = 5) -> dict:
-    """The same measurement for one process training the whole model."""
-    return _time(build_model(setup), setup, rounds)
-
-
-def _time(model, setup, rounds, comm=None):
-    cfg = replace(setup.train_config(), eval_interval=10**9)
-    fn, steps, comm_s = batch_fn(setup), [], []
+def time_split_vs_whole(setup: Setup, rounds: int = 5) -> dict:
+    """Step times on the same machine load, in alternating rounds: the model split by tensor and by sequence
+    parallelism (every rank), and the whole model on rank 0 alone with the same threads per process (the
+    other ranks wait at a barrier). Per split, the share of its steps spent in collectives (Comm's timeline)."""
+    rank, t = _world()
+    splits = {sp: parallelize(build_model(setup), Plan(tensor_parallel=True, sequence_parallel=sp),
+                              mesh=Mesh(tensor=t)) for sp in (False, True)}
+    whole = build_model(setup)
+    times = {"tensor": [], "sequence": [], "whole": []}
+    shares = {"tensor": [], "sequence": []}
     for _ in range(rounds):
-        if dist.is_initialized():
-            dist.barrier()
-        if comm is not None:
-            comm.reset()
-        t0 = time.perf_counter()
-        hist = train(model, fn, cfg)
-        total = time.perf_counter() - t0
-        if comm is not None:
-            comm_s.append(sum(e - s for kind, _, s, e in comm.spans if kind == "comm") / total)
-        steps += [setup.batch_size * setup.block_size / tps for tps in hist.tokens_per_s[1:]]
-    out = {"min_step_s": min(steps), "step_s": steps}
-    if comm is not None:
-        out["comm_share"] = min(comm_s)  # of a round's wall time
+        for sp, model in splits.items():
+            name = "sequence" if sp else "tensor"
+            steps, share = _time(model, setup, model.tp_comm)
+            times[name] += steps
+            shares[name].append(share)
+        dist.barrier()
+        if rank == 0:
+            times["whole"] += _time(whole, setup)[0]
+        dist.barrier()
+    out = {k: {"min_step_s": min(v), "step_s": v} for k, v in times.items() if v}
+    for k, v in shares.items():
+        out[k]["comm_share"] = min(v)
     return out
+
+
+def _time(model, setup, comm=None):
+    """Step times after the first (warm-up) step, and the share of steps 1..n-2 spent in comm's collectives."""
+    cfg = replace(setup.train_config(), eval_interval=10**9)  # evaluates at the first and last step only
+    mark = {}
+
+    def hook(event, state):
+        if event == "after_step" and state.step in (0, cfg.max_steps - 2) and comm is not None:
+            if state.step == 0:
+                comm.reset()
+                mark["start"] = time.perf_counter()
+            else:
+                spent = sum(e - s for kind, _, s, e in comm.spans if kind == "comm")
+                mark["share"] = spent / (time.perf_counter() - mark["start"])
+    if dist.is_initialized() and comm is not None:
+        dist.barrier()
+    hist = train(model, batch_fn(setup), cfg, hooks=[hook])
+    steps = [setup.batch_size * setup.block_size / tps for tps in hist.tokens_per_s[1:]]
+    return steps, mark.get("share")
+
+
+def benchmark_two_ranks(setup: Setup, rounds: int = 5) -> dict:
+    """What benchmarks/model_parallel.py measures on the tensor-parallel ranks, in one launch (float32)."""
+    s = replace(setup, dtype="float32")
+    return {"time": time_split_vs_whole(s, rounds),
+            "block": {"tensor": check_block(s, False), "sequence": check_block(s, True)},
+            "memory": check_memory(s, dropout=0.1)}
 
 
 def main(argv=None):
