@@ -24,7 +24,6 @@ from ..measure import saved_tensors
 from ..parallelize import Plan, parallelize
 from ..train import train
 from . import launch
-from .comm import Comm
 from ..model import Transformer
 from .experiments import Setup, batch_fn, build_model, full_state, reference
 from .mesh import Mesh

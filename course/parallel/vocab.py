@@ -119,8 +119,9 @@ class TensorParallelTransformer(Transformer):
         """Scale gradients to global L2 norm <= max_norm; shards' squares summed over the group,
         whole parameters (identical on every rank) counted once. Returns the norm before clipping."""
         grads = [p for p in self.parameters() if p.grad is not None]
-        sharded = sum((p.grad.double().pow(2).sum() for p in grads if hasattr(p, "tp_dim")), torch.zeros((), dtype=torch.float64))
-        whole = sum((p.grad.double().pow(2).sum() for p in grads if not hasattr(p, "tp_dim")), torch.zeros((), dtype=torch.float64))
+        zero = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+        sharded = sum((p.grad.double().pow(2).sum() for p in grads if hasattr(p, "tp_dim")), zero)
+        whole = sum((p.grad.double().pow(2).sum() for p in grads if not hasattr(p, "tp_dim")), zero)
         self.tp_param_comm.all_reduce(sharded, name="gradient norm")
         norm = (sharded + whole).sqrt()
         if math.isfinite(max_norm) and norm > max_norm:
