@@ -323,3 +323,117 @@ def pipeline_hop_elements(b: int, s: int, h: int) -> int:
     for name, value in (("b", b), ("s", s), ("h", h)):
         _positive(name, value)
     return b * s * h
+
+
+# ----------------------------------------------------------------------------- tensor and context parallelism
+# Chapter 06. Bytes are what ONE rank sends (ring_bytes), per transformer layer, forward + backward.
+
+# Link bandwidth one GPU can SEND, bytes/s in one direction (collectives send and receive at once).
+# NVLink figures in the data sheets are totals of both directions: A100 "600 GB/s" (NVIDIA A100 Tensor
+# Core GPU data sheet, SXM), H100 "900 GB/s" (NVIDIA H100 data sheet, SXM5). Between nodes a DGX has
+# one InfiniBand NIC per GPU: DGX A100, 8x single-port ConnectX-6 HDR 200 Gb/s (NVIDIA DGX A100 data
+# sheet); DGX H100, 8x ConnectX-7 NDR 400 Gb/s (NVIDIA DGX H100 data sheet); Gb/s per direction.
+LINKS = {
+    "NVLink 3 (A100, in a node)": 600e9 / 2,
+    "NVLink 4 (H100, in a node)": 900e9 / 2,
+    "InfiniBand HDR (DGX A100, between nodes)": 200e9 / 8,
+    "InfiniBand NDR (DGX H100, between nodes)": 400e9 / 8,
+}
+
+
+def link_seconds(nbytes: float, link: str) -> float:
+    """Seconds to send nbytes at the link's one-direction bandwidth (latency ignored: large messages)."""
+    if link not in LINKS:
+        raise ValueError(f"link must be one of {sorted(LINKS)}, got {link!r}")
+    return nbytes / LINKS[link]
+
+
+def tensor_parallel_bytes(b: int, s: int, h: int, t: int, *, bytes_per_el: int = 2,
+                          sequence_parallel: bool = False) -> dict[str, float]:
+    """Bytes one rank sends per layer (forward + backward) for tensor parallelism over t ranks.
+
+    Megatron-LM (Shoeybi et al. 2019, section 3): 2 all-reduces of the (b, s, h) activations forward
+    (after attention and after the MLP) and 2 backward (their conjugates): 4 x 2(t-1)/t·bsh elements
+    = 8·bsh·(t-1)/t elements, times bytes_per_el (16-bit: 16·bsh·(t-1)/t bytes).
+    Sequence parallelism (Korthikanti et al. 2022, section 4.2.2): each all-reduce becomes a
+    reduce-scatter + all-gather, the same bytes; Megatron-LM keeps only the input shard of the two
+    column-parallel linears and all-gathers it again in backward: 2 more all-gathers ("regather")."""
+    for name, v in (("b", b), ("s", s), ("h", h), ("t", t)):
+        _positive(name, v)
+    n = b * s * h * bytes_per_el
+    if not sequence_parallel:
+        ar = 4 * ring_bytes("all_reduce", n, t)
+        return {"all_reduce": ar, "total": ar}
+    half = ring_bytes("all_gather", n, t)
+    out = {"all_gather": 4 * half, "reduce_scatter": 4 * half, "regather": 2 * half}
+    out["total"] = sum(out.values())
+    return out
+
+
+_HEAD_SHARDED = ("attention core", "attn.c_proj input", "gelu input", "mlp.c_proj input")
+
+
+def tensor_parallel_layer_bytes(s: int, b: int, h: int, a: int, t: int, *, sequence_parallel: bool = False,
+                                **kw) -> dict[str, int]:
+    """Bytes one Block saves for backward per rank under tensor (and sequence) parallelism, per part of
+    `layer_activation_bytes` (same keyword arguments). Tensor parallelism divides the parts between the
+    column- and row-parallel linears by t (a/t heads, 4h/t MLP columns); sequence parallelism also the
+    LayerNorm, dropout and linear-input parts (T/t tokens; the linears keep their input shard), so then
+    every part is divided by t except the boolean causal mask of a written-out core (s², replicated)."""
+    check = [("a", a, t), ("h", h, t)] + ([("s", s, t)] if sequence_parallel else [])
+    for name, value, div in check:
+        if value % div:
+            raise ValueError(f"{name}={value} is not divisible by t={t}")
+    parts = layer_activation_bytes(s, b, h, a, **kw)
+    mask = s * s if kw.get("core", "sdpa") == "matmul" else 0
+    out = {}
+    for name, v in parts.items():
+        fixed = mask if name == "attention core" else 0
+        sharded = sequence_parallel or name in _HEAD_SHARDED
+        out[name] = (v - fixed) // t + fixed if sharded else v
+    return out
+
+
+def korthikanti_tp_layer_bytes(s: int, b: int, h: int, a: int, t: int, sequence_parallel: bool = False) -> float:
+    """Korthikanti et al. 2022, Table 2 (16-bit, no recomputation): tensor parallel sbh(10 + 24/t + 5as/(ht));
+    tensor + sequence parallel sbh/t·(34 + 5as/h)."""
+    if sequence_parallel:
+        return s * b * h / t * (34 + 5 * a * s / h)
+    return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+
+
+def data_parallel_layer_bytes(h: int, world: int, *, bytes_per_el: int = 2, bias: bool = True) -> float:
+    """Bytes one rank sends per layer per optimizer step for data parallelism: the all-reduce of the
+    layer's gradients, 12h² weights (+ 13h biases and LayerNorm parameters with bias): ring all-reduce
+    2(N-1)/N of them (Li et al. 2020). Once per step, whatever the batch."""
+    n_params = 12 * h * h + (13 * h if bias else 4 * h)
+    return ring_bytes("all_reduce", n_params * bytes_per_el, world)
+
+
+def ring_attention_bytes(b: int, s: int, h: int, cp: int, *, bytes_per_el: int = 2) -> dict[str, float]:
+    """Bytes one rank sends per attention layer for ring attention over cp ranks (course.parallel.context):
+    K and V shards (2·b·(s/cp)·h elements) travel cp-1 hops forward; backward they travel cp-1 hops again
+    and their gradients cp hops (the last one home). Liu et al. 2023, section 3."""
+    for name, v in (("b", b), ("s", s), ("h", h), ("cp", cp)):
+        _positive(name, v)
+    kv = 2 * b * s // cp * h * bytes_per_el
+    out = {"forward": (cp - 1) * kv, "backward": (cp - 1) * kv + (cp * kv if cp > 1 else 0)}
+    out["total"] = out["forward"] + out["backward"]
+    return out
+
+
+def ulysses_bytes(b: int, s: int, h: int, cp: int, *, bytes_per_el: int = 2) -> dict[str, float]:
+    """Bytes one rank sends per attention layer for DeepSpeed-Ulysses (Jacobs et al. 2023, section 3.2):
+    all-to-alls of q, k, v and the output, b·(s/cp)·h elements each, (cp-1)/cp of which leave the rank;
+    backward the same: 8·b·s·h·(cp-1)/cp² elements in all."""
+    for name, v in (("b", b), ("s", s), ("h", h), ("cp", cp)):
+        _positive(name, v)
+    one = ring_bytes("all_to_all", b * s // cp * h * bytes_per_el, cp)
+    return {"forward": 4 * one, "backward": 4 * one, "total": 8 * one}
+
+
+def ring_attention_saved_bytes(b: int, s: int, h: int, a: int, cp: int, *, bytes_per_el: int = 4) -> int:
+    """Bytes ring attention keeps for backward per rank: q, k, v and the output of its s/cp tokens
+    (4·b·(s/cp)·h) and one log-sum-exp per query and head (a·b·s/cp), in the inputs' dtype."""
+    sl = s // cp
+    return (4 * b * sl * h + a * b * sl) * bytes_per_el

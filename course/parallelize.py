@@ -11,7 +11,9 @@ applies tensor parallel -> activation checkpointing -> compile -> FSDP in the sa
   1. attention      every layer's attention core: `set_attention(model, plan.attention)`
                     (block-sparse, written out, memory-efficient; a core sees q, k, v per head, so
                     it must come before anything that splits heads or wraps blocks)
-  2. tensor         split matrices and heads across the "tensor" ranks of the mesh (chapter 06)
+  2. tensor         split matrices, heads and the vocabulary across the "tensor" ranks of the mesh,
+                    optionally LayerNorm/dropout along the sequence too (chapter 06:
+                    `course.parallel.tensor.apply_tensor_parallel`)
   3. recomputation  `course.recompute.apply_policy`: a runner over the blocks, or a wrapper around
                     each core; blocks stay blocks, so the next step still finds them
   4. sharding       ZeRO-1/2/3 (`course.parallel.zero.shard`) or PyTorch's FSDP2 `fully_shard`,
@@ -46,6 +48,8 @@ class Plan:
     data_parallel: str | None = None  # one of DATA_PARALLEL
     bucket_mb: float = 25.0  # bucketed DP and torch DDP
     find_unused_parameters: bool = False
+    tensor_parallel: bool = False  # Megatron-LM tensor parallelism over the mesh's "tensor" ranks (or the world)
+    sequence_parallel: bool = False  # with tensor_parallel: LayerNorm, dropout on T/t tokens (Korthikanti 2022)
 
     def __post_init__(self):
         if self.attention is not None and not callable(self.attention):
@@ -60,6 +64,14 @@ class Plan:
         if self.shard is not None and self.data_parallel is not None:
             raise ValueError(f"Plan.shard={self.shard!r} already averages gradients over the data-parallel ranks; "
                              f"Plan.data_parallel={self.data_parallel!r} would do it a second time: set one of them")
+        if self.sequence_parallel and not self.tensor_parallel:
+            raise ValueError("Plan.sequence_parallel=True splits what Plan.tensor_parallel leaves whole; it needs "
+                             "Plan.tensor_parallel=True")
+        for name in ("shard", "data_parallel"):
+            if self.tensor_parallel and getattr(self, name) is not None:
+                raise ValueError(f"Plan.tensor_parallel=True with Plan.{name}={getattr(self, name)!r} is not supported: "
+                                 f"their gradient clipping would see only this rank's tensor-parallel shards; use "
+                                 f"one of them")
 
     def __repr__(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
@@ -78,6 +90,11 @@ def parallelize(model: nn.Module, plan: Plan, comm=None, mesh=None) -> nn.Module
         raise TypeError(f"plan must be a course.parallelize.Plan, got {type(plan).__name__}")
     if plan.attention is not None:  # 1. attention
         set_attention(model, plan.attention)
+    if plan.tensor_parallel:  # 2. tensor
+        from .parallel.comm import Comm
+        from .parallel.tensor import apply_tensor_parallel
+        apply_tensor_parallel(model, mesh if mesh is not None else Comm(name="tensor"),
+                              sequence_parallel=plan.sequence_parallel)
     if plan.recompute != "none":  # 3. recomputation
         apply_policy(model, plan.recompute, plan.recompute_k)
     if plan.shard is None and plan.data_parallel is None:
