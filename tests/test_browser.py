@@ -7,7 +7,7 @@ the system's Chromium (never a downloaded one). Checked:
 - every lesson, before any cell runs: no error output, every saved figure drawn (as many loaded
   <img> as the file has PNG outputs, those inside saved widget outputs included), every widget
   output drawn from the saved widget state (no "Error displaying widget", no raw
-  `interactive(children=...` text);
+  `interactive(children=...` text), no progress bar shown short of its end;
 - trust is what makes the saved widgets show: an untrusted copy shows the raw text, and the same
   file shows the widget once `jupyter trust` signed it;
 - every explorer (an ipywidgets output with a slider or dropdown and an Output), after running the
@@ -24,6 +24,7 @@ Screenshots of failures go to the folder named in the failure message.
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ WIDGET_LESSON = next((p.name for p in LESSONS if EXPECT[p.name].explorers),  # e
                      next((p.name for p in LESSONS if EXPECT[p.name].widget_outputs), None))
 
 CELLS = ".jp-Notebook .jp-Cell"
+PROGRESS = re.compile(r"(\d+)/(\d+)[\s\u2007]*\[\d")  # tqdm's "n/total [elapsed<...", text or widget
 OPEN_S, RUN_S, REDRAW_S = 90, 600, 120  # generous: a busy 2-core machine; lesson cells run minutes at most
 
 # One JavaScript snapshot of what the page shows, per cell: top-level outputs with their MIME type,
@@ -111,12 +113,18 @@ def shots(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def context(chromium, lab):
+    ctx = chromium.new_context(viewport={"width": 1280, "height": 1000})  # one HTTP cache for all pages
+    yield ctx
+    ctx.close()
+
+
 @pytest.fixture
-def page(chromium, lab):
-    context = chromium.new_context(viewport={"width": 1280, "height": 1000})
+def page(context, lab):
     pg = context.new_page()
     yield pg
-    context.close()
+    pg.close()
     lab.shutdown_kernels()
 
 
@@ -141,6 +149,35 @@ def open_notebook(page, lab, rel: str, n_cells: int) -> None:
                            timeout=OPEN_S * 1000)
     page.wait_for_function("() => (document.querySelector('.jp-Notebook-ExecutionIndicator') || {dataset: {}})"
                            ".dataset.status === 'idle'", timeout=OPEN_S * 1000)
+
+
+def clear_all_outputs(page) -> None:
+    """Edit > Clear Outputs of All Cells, as a learner would."""
+    page.locator(".lm-MenuBar-itemLabel", has_text="Edit").click()
+    page.locator(".lm-Menu-itemLabel", has_text="Clear Outputs of All Cells").click()
+    wait_for(page, f"() => Array.from(document.querySelectorAll('{CELLS} .jp-InputPrompt'))"
+             ".every(p => !/\\d/.test(p.textContent))", None, OPEN_S, "prompts cleared")
+
+
+PROMPT_JS = "([i, text]) => document.querySelectorAll('.jp-Notebook .jp-Cell')[i]" \
+            ".querySelector('.jp-InputPrompt').textContent.trim()"
+
+
+def run_cell(page, i: int, k: int, what: str) -> None:
+    """Select cell i, press Ctrl+Enter (run it, stay on it), wait until a fresh kernel numbers it [k]."""
+    cell = page.locator(CELLS).nth(i)
+    for _ in range(3):  # a key press can land before the notebook takes focus: press again
+        cell.locator(".jp-InputPrompt").first.click()
+        page.keyboard.press("Control+Enter")
+        try:
+            page.wait_for_function(f"a => ['[*]:', `[${{a[1]}}]:`].includes(({PROMPT_JS})(a))", arg=[i, k],
+                                   timeout=10_000)
+            break
+        except Exception:
+            continue
+    else:
+        raise AssertionError(f"{what}: Ctrl+Enter did not start it")
+    wait_for(page, f"a => ({PROMPT_JS})(a) === `[${{a[1]}}]:`", [i, k], RUN_S, f"{what} to run as [{k}]")
 
 
 def wait_for(page, predicate_js: str, arg, timeout_s: float, what: str) -> None:
@@ -185,6 +222,9 @@ def test_saved_lesson_renders(page, lab, shots, name):
         drawn = [i for i, c in enumerate(snap) for o in c["outputs"] if o["widget"]]
         want = [i for i, _ in exp.widget_outputs]
         assert sorted(drawn) == sorted(want), f"{name}: widgets drawn in cells {drawn}, the file has them in {want}"
+        frozen = [f"cell {i}: {m.group(0)}" for i, c in enumerate(snap) for o in c["outputs"]
+                  for m in PROGRESS.finditer(o["text"]) if int(m.group(1)) < int(m.group(2))]
+        assert not frozen, f"{name}: progress bars shown short of their end: {frozen}"
         images = [im for c in snap for im in c["images"]]
         blank = [im["src"][:60] for im in images if not (im["w"] > 0 and im["h"] > 0)]
         assert not blank, f"{name}: images that did not load: {blank}"
@@ -256,13 +296,9 @@ def test_explorer_redraws_after_running(page, lab, shots, name, cell):
     with screenshot_on_failure(page, shots, f"explorer-{Path(name).stem}-cell{cell}"):
         open_notebook(page, lab, f"notebooks/{name}", len(nb["cells"]))
         start = time.time()
-        for i in run:
-            page.locator(CELLS).nth(i).locator(".jp-InputPrompt").first.click()
-            page.keyboard.press("Control+Enter")  # run the selected cell, stay on it
-        # a fresh kernel numbers them 1, 2, ... in the order they run (the saved prompts are stale)
-        wait_for(page, """cells => { const all = document.querySelectorAll('.jp-Notebook .jp-Cell');
-            return cells.every((i, k) => all[i].querySelector('.jp-InputPrompt').textContent.trim()
-                                          === `[${k + 1}]:`) }""", run, RUN_S, f"{name}: cells {run} to run")
+        clear_all_outputs(page)  # prompts read "[ ]:" again, so a stale "[n]:" is never taken for a run
+        for k, i in enumerate(run, start=1):
+            run_cell(page, i, k, f"{name}: cell {i} (of cells {run})")
         ran_s = time.time() - start
         page.locator(CELLS).nth(cell).scroll_into_view_if_needed()
         wait_for(page, """i => { const c = document.querySelectorAll('.jp-Notebook .jp-Cell')[i];
