@@ -11,7 +11,7 @@ mkdir -p "$OUT_DIR"
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'run_gpu.sh needs a CUDA GPU')" || exit 1
 LOG="$OUT_DIR/gpu-benchmarks.log"
 : > "$LOG"
-for b in train_throughput sparse_attention checkpointing data_parallel; do
+for b in train_throughput sparse_attention checkpointing flash_attention data_parallel; do
   [ -f "benchmarks/$b.py" ] || { echo "skip $b (missing)" | tee -a "$LOG"; continue; }
   echo "== $b" | tee -a "$LOG"
   timeout 150 $PY "benchmarks/$b.py" --gpu 2>&1 | tee -a "$LOG" | tail -1 > "$OUT_DIR/$b.json"

@@ -30,11 +30,12 @@ RNG state, backward regenerates the mask from it; on a GPU the generator is Phil
 element (b, h, i, j) is dropped iff a keyed hash of the counter j is below p * 2^32, with the key
 derived from (seed, b, h, i) by SplitMix64 (Steele et al. 2014). The hash is a counter-based
 generator in the style of Philox (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"):
-two multiply-xorshift rounds with the multipliers of Wellons' "lowbias32", the row keys injected
-before each round. Any tile of the mask is a pure function of (seed, coordinates), so backward
+multiply, xorshift, multiply with the multipliers of Wellons' "lowbias32" hash, the row keys injected
+before each multiply; the comparison reads mostly the product's top bits, so lowbias32's final
+xorshift (which mixes them into the low bits) is left out. Any tile of the mask is a pure function of (seed, coordinates), so backward
 regenerates exactly the forward's masks in any order, the mask does not depend on the tile sizes,
-and `dropout_keep` builds the same mask densely for the reference. It is about 9 vectorized int32
-ops per element; torch's bernoulli_ draws from a stateful generator one element at a time on CPU,
+and `dropout_keep` builds the same mask densely for the reference. It is 8 vectorized int32 ops
+per element; torch's bernoulli_ draws from a stateful generator one element at a time on CPU,
 which is what made regenerating dropout masks slow in lesson 04.
 """
 from __future__ import annotations
@@ -99,9 +100,8 @@ def _dropped(k1, k2, j0: int, j1: int, threshold: int) -> torch.Tensor:
     """True where element (row, j) is dropped, j in [j0, j1). k1, k2: (n, rows, 1) int32 -> (n, rows, j1-j0)."""
     x = k1 ^ torch.arange(j0, j1, dtype=torch.int32, device=k1.device)  # the counter, keyed
     x = x * _LOWBIAS[0]  # int32 products wrap mod 2^32
-    x = (x ^ ((x >> 15) & 0x1FFFF)) ^ k2
-    x = x * (_LOWBIAS[1] - (1 << 32))
-    x = x ^ ((x >> 16) & 0xFFFF)
+    x = (x ^ ((x >> 15) & 0x1FFFF)) ^ k2  # & 0x1FFFF: an unsigned shift; the second key
+    x = x * (_LOWBIAS[1] - (1 << 32))  # the top bits, which decide x < threshold, now depend on every input bit
     return x < threshold  # x is uniform on [-2^31, 2^31): P(drop) = round(p 2^32) / 2^32
 
 
@@ -222,7 +222,7 @@ def _tile_keep(cfg: _Config, attn_mask, i0, i1, j0, j1, head_keep, device):
 
 
 def _work(t: torch.Tensor, B: int, H: int, T: int, D: int, mul: float = 1.0) -> torch.Tensor:
-    """(B, H, T, D) -> contiguous (B*H, T, D) in the compute dtype (float32 for 16-bit inputs): a copy."""
+    """(B, H, T, D) -> contiguous (B*H, T, D) in the compute dtype (float32 for 16-bit inputs), never written to."""
     dt = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
     t = t.to(dt) * mul if mul != 1.0 else t.to(dt)
     return t.reshape(B * H, T, D).contiguous()

@@ -142,7 +142,6 @@ def _lowbias_python(seed, B, H, T, b, h, i, j):
     x = ((k1 ^ j) * 0x7FEB352D) & M32
     x = ((x ^ (x >> 15)) ^ k2) & M32
     x = (x * 0x846CA68B) & M32
-    x ^= x >> 16
     return x - (1 << 32) if x >= 1 << 31 else x  # as int32
 
 
