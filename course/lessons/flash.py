@@ -101,13 +101,23 @@ def auto_block(T: int) -> int:
 
 def kernel_times(seq_lens, batch: int = 1, n_head: int = 8, head_dim: int = 64, causal: bool = True,
                  dropout: float = 0.0, block: int | None = None, rounds: int = 2, device=None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, threads: int | None = None) -> dict:
     """Forward + backward seconds of the flash kernel (tiles `block` x `block`, default `auto_block(T)`) and of
     SDPA, the min over `rounds` interleaved runs, and the bytes each saves for backward (saved_tensors, counted
     in the first run). SDPA with dropout on CPU is its math fallback. Also the bytes SDPA saves when given the
-    causal mask as a tensor. -> {T: {"block", "flash_s", "sdpa_s", "ratio", "flash_saved", "sdpa_saved",
-    "sdpa_mask_saved"}}."""
+    causal mask as a tensor. threads: torch.set_num_threads while timing (1: steadier on a shared CPU).
+    -> {T: {"block", "flash_s", "sdpa_s", "ratio", "flash_saved", "sdpa_saved", "sdpa_mask_saved"}}."""
     dev = torch.device(device or "cpu")
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _kernel_times(seq_lens, batch, n_head, head_dim, causal, dropout, block, rounds, dev, progress)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _kernel_times(seq_lens, batch, n_head, head_dim, causal, dropout, block, rounds, dev, progress):
     out = {}
     for T in progress_bar(seq_lens, desc="kernel timings", enabled=progress):
         g = torch.Generator(device=dev).manual_seed(T)
