@@ -32,9 +32,9 @@ derived from (seed, b, h, i) by SplitMix64 (Steele et al. 2014). The hash is a c
 generator in the style of Philox (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"):
 multiply, xorshift, multiply with the multipliers of Wellons' "lowbias32" hash, the row keys injected
 before each multiply; the comparison reads mostly the product's top bits, so lowbias32's final
-xorshift (which mixes them into the low bits) is left out. Any tile of the mask is a pure function of (seed, coordinates), so backward
-regenerates exactly the forward's masks in any order, the mask does not depend on the tile sizes,
-and `dropout_keep` builds the same mask densely for the reference. It is 8 vectorized int32 ops
+xorshift (which mixes them into the low bits) is left out. Any tile of the mask is a pure function
+of (seed, coordinates), so backward regenerates exactly the forward's masks in any order, the mask
+does not depend on the tile sizes, and `dropout_keep` builds the same mask densely for the reference. It is 8 vectorized int32 ops
 per element; torch's bernoulli_ draws from a stateful generator one element at a time on CPU,
 which is what made regenerating dropout masks slow in lesson 04.
 """

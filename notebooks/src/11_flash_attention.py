@@ -249,8 +249,8 @@ assert flash_plan["extra compute"] == core_plan["extra compute"] / 2  # QK^T onl
 
 # %% [markdown]
 # The flash kernel keeps what selective recomputation keeps plus one float32 log-sum-exp per query row
-# and head (0.02 GiB here), and it recomputes only QKᵀ (2·b·s²·h FLOPs per layer), half of what
-# recomputing the written-out core costs (QKᵀ and the product with V).
+# and head (the small difference printed above), and it recomputes only QKᵀ (2·b·s²·h FLOPs per layer),
+# half of what recomputing the written-out core costs (QKᵀ and the product with V).
 #
 # ## What to remember
 #
@@ -263,14 +263,16 @@ assert flash_plan["extra compute"] == core_plan["extra compute"] / 2  # QK^T onl
 # - Causal and block-sparse attention skip whole tiles, so they save time as well as memory.
 # - With a flash kernel, Korthikanti's selective recomputation has nothing left to drop. What remains
 #   is the O(s·b·h) activations that full or √n checkpointing trade for compute (lesson 04).
-#
+
+# %% [markdown]
 # ## Your turn
 #
 # 1. Change `block_q` and `block_k` (16 to 512) at T = 2048 and time the kernel. Where does Python overhead
 #    per tile stop mattering, and where do tiles stop fitting in the cache?
 # 2. Give the flash core a `sliding_window` or `bigbird` pattern from `course.sparse` and measure time
 #    against T. Check that the computed tiles (`course.flash.computed_tiles`) predict the speed-up.
-# 3. Build the dropout mask with `course.flash.dropout_keep` for two seeds and two tile sizes. Show that
-#    the mask depends only on the seed, never on the tiling.
+# 3. Run `flash_attention` with dropout 0.1 and one seed at two tile sizes, then write dense attention that
+#    multiplies by `course.flash.dropout_keep(seed, ...)`. Show that all three agree: the mask depends on the
+#    seed and the coordinates, never on the tiling.
 # 4. Combine `Plan(attention=lambda i: FlashAttention(), recompute="sqrt")`. Measure what √n checkpointing
 #    still saves once the s×s terms are gone.
