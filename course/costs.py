@@ -60,6 +60,11 @@ Where this block differs from the paper's 34:
 Under torch.autocast, LayerNorm and softmax run in fp32 and casts add copies; that is not modelled.
 On CUDA the LayerNorm statistics are fp32 (stat = 4) and the masks 1 byte; those two rules and the
 fused-kernel layout are the GPU assumptions not checked on this CPU machine.
+`flash_layer_bytes`: the block with course.flash.FlashAttention as its core (FlashAttention-2,
+Dao 2023, Algorithms 1 and 2): the kernel saves q, k, v (views of the c_attn output, 3sbh·e), its
+output O (sbh·e, laid out like SDPA's, so c_proj's input shares it) and L, one float32 log-sum-exp
+per query row (asb·4); dropout is regenerated from a seed, so no mask and no s×s term at all, with
+or without dropout, on any device: the fused-SDPA bytes above, plus the two residual-dropout masks.
 """
 from __future__ import annotations
 
@@ -186,6 +191,15 @@ def layer_activation_bytes(s: int, b: int, h: int, a: int, *, bytes_per_el: int 
         "mlp.c_proj input": 4 * sbh * e,
         "mlp dropout mask": sbh * m,
     }
+
+
+def flash_layer_bytes(s: int, b: int, h: int, a: int, *, bytes_per_el: int = 4, dropout: bool = False,
+                      device: str = "cpu") -> dict[str, int]:
+    """Bytes one Block saves with the course.flash kernel as its attention core (see the module docstring):
+    the fused layout without an s×s term, dropout or not (Dao 2023: only O and the log-sum-exp are kept)."""
+    parts = layer_activation_bytes(s, b, h, a, bytes_per_el=bytes_per_el, core="sdpa", dropout=False, device=device)
+    m = (1 if device == "cuda" else bytes_per_el) if dropout else 0  # residual dropout masks stay as they are
+    return {**parts, "attn dropout mask": s * b * h * m, "mlp dropout mask": s * b * h * m}
 
 
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, recompute: str = "none") -> int:

@@ -25,13 +25,17 @@ that segment. Policies, for a model with n blocks:
              else is recomputed. A fused kernel (SDPA) keeps no s*s tensor; its output is kept, so under
              fused attention this policy changes nothing, which is why FlashAttention-era training
              rarely needs it.
+- flash:     every attention core swapped for `course.flash.FlashAttention` (FlashAttention-2, Dao 2023),
+             which keeps q, k, v, its output and one log-sum-exp per row and recomputes the s*s score
+             tiles inside its own backward: Korthikanti's selective recomputation done by the kernel,
+             with dropout masks regenerated from a seed. Block-sparse cores keep their pattern.
 
 How it plugs in: `apply_policy(model, "sqrt")` sets `model.runner` (the model's one seam for
 running its blocks) to a `SegmentRunner`, which runs the same Block objects segment by segment and
 wraps the checkpointed segments; `model.blocks`, parameter names and the state_dict are unchanged
 (a checkpointed model loads the same weights, and sharding applied afterwards still sees every
-block). "core-attention" instead wraps each attention core in a `RecomputedCore` (cores hold no
-parameters). `remove_policy(model)` puts the plain runner and the original cores back.
+block). "core-attention" instead wraps each attention core in a `RecomputedCore`, "flash" in a
+`FlashCore` (cores hold no parameters). `remove_policy(model)` puts the plain runner and the original cores back.
 `plan(...)` at the end is the analytic planner (formulas from `course.costs`).
 
 Dropout: checkpoint saves and restores the RNG state (preserve_rng_state=True), so recomputed
@@ -45,11 +49,11 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .costs import (core_attention_layer_bytes, layer_activation_bytes, model_state_bytes,
+from .costs import (core_attention_layer_bytes, flash_layer_bytes, layer_activation_bytes, model_state_bytes,
                     selective_layer_bytes)
 from .model import attention_layers, run_blocks
 
-POLICIES = ("none", "full", "every-k", "sqrt", "selective", "core-attention")
+POLICIES = ("none", "full", "every-k", "sqrt", "selective", "core-attention", "flash")
 
 _aten = torch.ops.aten
 # Outputs kept by the selective policy: matmuls of the linear layers and every fused attention kernel.
@@ -85,7 +89,7 @@ def segments_for(policy: str, n: int, k: int | None = None) -> list[tuple[int, i
     if policy == "sqrt":
         m = math.ceil(math.sqrt(n))  # blocks per segment
         return [(i, min(i + m, n), True) for i in range(0, n, m)]
-    return [(i, i + 1, policy in ("full", "selective")) for i in range(n)]  # core-attention: inside blocks
+    return [(i, i + 1, policy in ("full", "selective")) for i in range(n)]  # core-attention, flash: inside blocks
 
 
 def _run_range(blocks, start: int, stop: int, x, attn_mask=None):
@@ -136,6 +140,19 @@ class RecomputedCore(nn.Module):
                           use_reentrant=False, context_fn=selective_context)  # (B, nh, T, hs)
 
 
+class FlashCore(nn.Module):
+    """A block's attention core computed by the flash kernel (policy "flash"); `replaced` is put back."""
+
+    def __init__(self, core: nn.Module):
+        super().__init__()
+        from .flash import FlashAttention
+        self.flash = FlashAttention.replacing(core)  # ValueError for a core it has no equivalent of
+        self.replaced = core
+
+    def forward(self, q, k, v, causal: bool, attn_mask=None, dropout_p: float = 0.0):
+        return self.flash(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p)  # (B, nh, T, hs)
+
+
 def apply_policy(model: nn.Module, policy: str, k: int | None = None) -> nn.Module:
     """Give `model` (a course.model.Transformer) a recomputation policy, in place. Returns the model.
 
@@ -151,6 +168,9 @@ def apply_policy(model: nn.Module, policy: str, k: int | None = None) -> nn.Modu
     if policy == "core-attention":
         for layer in attention_layers(model):
             layer.core = RecomputedCore(layer.core)
+    elif policy == "flash":
+        for layer in attention_layers(model):
+            layer.core = FlashCore(layer.core)
     elif policy != "none":
         model.runner = SegmentRunner(segments, policy == "selective", policy if policy != "every-k" else f"every-{k}")
     return model
@@ -163,6 +183,8 @@ def remove_policy(model: nn.Module) -> nn.Module:
     for layer in attention_layers(model):
         if isinstance(layer.core, RecomputedCore):
             layer.core = layer.core.core
+        elif isinstance(layer.core, FlashCore):
+            layer.core = layer.core.replaced
     return model
 
 
@@ -172,6 +194,8 @@ def policy_of(model: nn.Module) -> str:
         return runner.policy
     if any(isinstance(layer.core, RecomputedCore) for layer in attention_layers(model)):
         return "core-attention"
+    if any(isinstance(layer.core, FlashCore) for layer in attention_layers(model)):
+        return "flash"
     return "none"
 
 
@@ -188,7 +212,8 @@ def plan(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int, polic
     compute as a fraction of a step (forward 24bsh² + 4bs²h per layer; a step is 3 forwards).
     full = every layer's forward again; every-k = 1/k of them; sqrt = all layers once (segments of
     ceil(sqrt L)); selective and core-attention = the attention core when it is written out (4bs²h per
-    layer), else nothing (selective's pointwise ops are counted as 0).
+    layer), else nothing (selective's pointwise ops are counted as 0); flash = the scores QK^T once more
+    in backward (2bs²h per layer, Dao 2023 Algorithm 2), whatever `core` was.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -201,6 +226,8 @@ def plan(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int, polic
     s, b, h, a, L = seq_len, batch, n_embd, n_head, n_layer
     kw = dict(bytes_per_el=bytes_per_el, core=core, dropout=dropout, device=device)
     layer = sum(layer_activation_bytes(s, b, h, a, **kw).values())
+    if policy == "flash":  # the policy swaps the core: every layer keeps the flash kernel's bytes
+        layer = sum(flash_layer_bytes(s, b, h, a, bytes_per_el=bytes_per_el, dropout=dropout, device=device).values())
     x = s * b * h * bytes_per_el  # a block's input: what a checkpoint keeps
     # walk the segments like backward does: while segment j runs backward, segments before it still hold
     # what they kept, and j holds its full activations (recomputed if it was checkpointed)
@@ -216,7 +243,9 @@ def plan(n_layer: int, n_embd: int, n_head: int, seq_len: int, batch: int, polic
     n_ckpt = {"none": 0, "full": L, "every-k": math.ceil(L / (k or 1)), "sqrt": L}.get(policy, L)
     fwd_layer = 24 * b * s * h * h + 4 * b * s * s * h
     fused = core == "sdpa" and not (dropout and device == "cpu")
-    if sel is not None:
+    if policy == "flash":
+        extra = L * 2 * b * s * s * h / (3 * L * fwd_layer)
+    elif sel is not None:
         extra = 0.0 if fused else L * 4 * b * s * s * h / (3 * L * fwd_layer)
     else:
         extra = n_ckpt * fwd_layer / (3 * L * fwd_layer)
