@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib.colors import PowerNorm
 import torch
 
 
@@ -48,11 +49,12 @@ def attention_grid(maps, tokens=None, title: str | None = None, max_heads: int =
     ticks = labels is not None and len(labels) <= max_ticks
     cell = 2.3 if ticks else 1.9
     fig, axes = plt.subplots(L, H, figsize=(cell * H + 1.2, cell * L), squeeze=False)
-    vmax = max(float(m[:, :H].max()), 1e-9)
+    # square-root colour scale: the few weights near 1 (first tokens) would otherwise hide the rest
+    norm = PowerNorm(0.5, vmin=0.0, vmax=max(float(m[:, :H].max()), 1e-9))
     for l in range(L):
         for h in range(H):
             ax = axes[l][h]
-            im = ax.imshow(m[l, h].numpy(), cmap="viridis", vmin=0.0, vmax=vmax)
+            im = ax.imshow(m[l, h].numpy(), cmap="viridis", norm=norm)
             ax.set_xticks([])
             ax.set_yticks([])
             if ticks and h == 0:
@@ -71,7 +73,7 @@ def attention_grid(maps, tokens=None, title: str | None = None, max_heads: int =
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.93, 1))
-    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="attention weight")
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="attention weight (square-root scale)")
     return fig
 
 

@@ -29,7 +29,8 @@ from IPython.display import Markdown
 
 from course.attention import ScratchAttention, bidirectional_mask, causal_mask, self_attention
 from course.costs import GPT3_175B, korthikanti_layer_bytes, score_matrix_bytes
-from course.lessons.attention import (describe_heads, explore_attention, head_stats, loglog_slope, plot_cost_scaling,
+from course.lessons.attention import (attention_explorer, describe_heads, explore_attention, head_stats, loglog_slope,
+                                      plot_cost_scaling,
                                       score_matrix_cost)
 from course.data import load_dataset
 from course.device import profile

@@ -9,7 +9,10 @@
 # **FlashAttention** (Dao et al. 2022; FlashAttention-2, Dao 2023) never stores them at all. It
 # computes attention tile by tile with an *online softmax*, keeps only the output and one
 # log-sum-exp per query row, and its backward recomputes each tile of scores from q, k and that
-# log-sum-exp. In this lesson you will
+# log-sum-exp. On a GPU that is what makes it fast as well as small: the tiles live in the
+# multiprocessors' on-chip SRAM, and the s×s scores never travel to and from the large but much slower
+# high-bandwidth memory (HBM) — Dao et al. (2022, §2.1, §3.1) call it IO-aware. On a CPU there is no
+# such split worth the name, so here the memory saving is what we can measure. In this lesson you will
 # 1. follow the online softmax one tile at a time and see why no s×s tensor is needed;
 # 2. check `course.flash`, FlashAttention-2's Algorithms 1 and 2 in plain PyTorch, against
 #    PyTorch's `scaled_dot_product_attention`;
