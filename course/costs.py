@@ -221,8 +221,11 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, recompute: str = "no
 def korthikanti_flops(s: int, b: int, h: int, n_layer: int, vocab: int, recompute: str = "none") -> float:
     """FLOPs per iteration, Korthikanti et al. 2022 appendix: 72·b·s·l·h²(1 + s/6h + V/12hl) without
     recomputation; selective recompute is counted as s/3h, full recompute as 96·b·s·l·h²(1 + s/6h + V/16lh)."""
-    for name, v in (("s", s), ("b", b), ("h", h), ("n_layer", n_layer), ("vocab", vocab)):
+    for name, v in (("s", s), ("h", h), ("n_layer", n_layer)):
         _positive(name, v)
+    _positive("b", b, integer=False)  # a fraction of a sequence per rank is fine for a rate
+    if not (isinstance(vocab, (int, float)) and vocab >= 0):
+        raise ValueError(f"vocab must be a number >= 0 (0 leaves the logits out), got {vocab!r}")
     base = 72 * b * s * n_layer * h * h
     if recompute == "none":
         return base * (1 + s / (6 * h) + vocab / (12 * h * n_layer))

@@ -203,3 +203,13 @@ def test_the_pipeline_simulator_measures_gpipe_and_1f1b_and_detects_deadlocks():
             assert simulate([_one_f_one_b(p, m, s) for s in range(p)], tf, tb) == gp  # same bubble, less memory
     with pytest.raises(ValueError, match="deadlocks"):
         simulate([[("B", 0), ("F", 0)], [("F", 0), ("B", 0)]])
+
+
+@pytest.mark.parametrize("p,m", [(2, 1), (2, 4), (4, 4), (4, 8), (3, 5)])
+def test_lesson07_simulator_agrees_with_the_library_simulator(p, m):
+    """The checker's small simulator and course.parallel.schedules.simulate give the same makespan."""
+    from course.exercises import lesson07
+    from course.parallel import schedules
+    ours = lesson07.simulate([lesson07._one_f_one_b(p, m, s) for s in range(p)], tf=1.0, tb=2.0)
+    lib = schedules.simulate(schedules.one_f_one_b(p, m), cost={"F": 1.0, "B": 2.0}).makespan
+    assert ours == lib

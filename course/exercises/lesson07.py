@@ -7,11 +7,11 @@ clusters using Megatron-LM", section 2.2): stage s of p first runs p - s - 1 war
 alternates one forward and one backward, then drains the remaining backwards; it keeps at most p - s
 micro-batches' activations, where GPipe (Huang et al. 2019: all forwards, then all backwards) keeps m.
 
-REFERENCE WRITTEN HERE: `_one_f_one_b` below, and `simulate`, which runs per-stage action lists
+The reference schedule is the library's (`course.parallel.schedules.one_f_one_b`); `simulate` below runs per-stage action lists
 against their dependencies (F(i) on stage s after F(i) on s - 1; B(i) on s after B(i) on s + 1, or
 after F(i) on the last stage) with forward time tf and backward time tb, and reports the makespan.
-The bubble exercise is checked against this simulation, not against a formula. When lesson 07's
-library module lands, point these references at it.
+The bubble exercise is checked against this simulation, not against a formula (tests/test_exercises.py
+also checks it against course.parallel.schedules.simulate).
 """
 from __future__ import annotations
 
@@ -19,14 +19,10 @@ from .core import Hint, call, close, exercise
 
 
 def _one_f_one_b(n_stages, n_micro, stage):
-    """Reference solution: warm-up forwards, steady one-forward-one-backward, cool-down backwards."""
-    warmup = min(n_stages - stage - 1, n_micro)
-    actions = [("F", i) for i in range(warmup)]
-    f, b = warmup, 0
-    while f < n_micro:  # steady state
-        actions += [("F", f), ("B", b)]
-        f, b = f + 1, b + 1
-    return actions + [("B", i) for i in range(b, n_micro)]  # cool-down
+    """Reference solution: lesson 07's own generator (course.parallel.schedules.one_f_one_b: warm-up
+    forwards, steady one-forward-one-backward, cool-down backwards), as (kind, micro-batch) pairs."""
+    from ..parallel.schedules import one_f_one_b
+    return [(a.kind, a.mb) for a in one_f_one_b(n_stages, n_micro).compute(stage)]
 
 
 def gpipe(n_stages, n_micro, stage):
