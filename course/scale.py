@@ -5,6 +5,7 @@
                    scale.Layout(dp=8, tp=8, pp=16, n_micro=192, zero=1, sp=True))
     p.memory["total"] / 1e9, p.step, p.mfu, p.days(300e9)
     scale.search(model, cluster, batch=1536)[:5]      # valid layouts that fit, fastest first
+    course.scale_calibration.megatron_efficiency()    # the efficiency, fitted on one published run
 
 Every formula comes from course.costs with its source:
 - parameters: `gpt_params`, the exact count of the GPT layout (Narayanan et al. 2021, eq. 2).
@@ -35,8 +36,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from . import costs
-from .scale_presets import (GB, GPT3_TABLE, GPUS, MEGATRON_TABLE1, NODES, Cluster, GPTSpec, cluster,  # noqa: F401
-                            gpt3, megatron_spec)
+from .scale_presets import GB, GPUS, NODES, Cluster, GPTSpec, cluster, gpt3  # noqa: F401 (re-exported)
 
 DIMS = ("pipeline", "data", "context", "tensor")  # default order, outermost first: tensor inside a node
 RECOMPUTE = ("none", "selective", "full")
@@ -314,36 +314,3 @@ def search(model: GPTSpec, cluster: Cluster, batch: int, *, micro_batches=(1, 2,
                                 if q.fits:
                                     found.append(q)
     return sorted(found, key=lambda q: q.step)
-
-
-def calibrate(model: GPTSpec, cluster: Cluster, layout: Layout, tflops_per_gpu: float, **kw) -> float:
-    """The efficiency at which the planned TFLOP/s per GPU equals a measured one (bisection: monotone)."""
-    lo, hi = 1e-4, 1.0
-    if plan(model, cluster, layout, efficiency=hi, **kw).tflops_per_gpu < tflops_per_gpu:
-        raise ValueError(f"{tflops_per_gpu} TFLOP/s per GPU is above what the layout reaches at full peak")
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if plan(model, cluster, layout, efficiency=mid, **kw).tflops_per_gpu < tflops_per_gpu else (lo, mid)
-    return (lo + hi) / 2
-
-
-# Narayanan et al. 2021, Table 1 as the planner sees it. The paper does not list each row's micro-batch
-# size or schedule; we assume micro-batch 1, 1F1B, full recomputation (§5.1), no sequence parallelism
-# (it came with Korthikanti et al. 2022), scatter/gather on, and the gradient all-reduce after the last
-# backward, not overlapped (overlap_dp=0). CALIBRATION_ROW is the one row the efficiency is fitted on.
-CALIBRATION_ROW = 6  # the 145.6B row (t = 8, p = 8, 1,536 GPUs): the layout closest to GPT-3 175B
-MEGATRON_OPTIONS = dict(overlap_dp=0.0, scatter_gather=True)
-
-
-def megatron_case(row) -> tuple:
-    """(model, cluster, layout) for one row of MEGATRON_TABLE1 under the assumptions above."""
-    _, _, _, _, t, p, n, batch = row[:8]
-    spec = megatron_spec(row)
-    d = n // (t * p)
-    return spec, cluster("dgx-a100", n // 8), Layout(dp=d, tp=t, pp=p, n_micro=batch // d, recompute="full")
-
-
-def megatron_efficiency() -> float:
-    """Achieved fraction of A100 peak, calibrated on Table 1's CALIBRATION_ROW only."""
-    row = MEGATRON_TABLE1[CALIBRATION_ROW]
-    return calibrate(*megatron_case(row), row[8], **MEGATRON_OPTIONS)

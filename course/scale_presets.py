@@ -82,6 +82,9 @@ MEGATRON_VOCAB = 51200
 # Narayanan et al. 2021, Table 2, PTD-P rows for the 174.6B model (t = 8, p = 12, micro-batch 1, batch
 # 1536): (GPUs, achieved TFLOP/s per GPU, training days for 300B tokens) — their strong scaling.
 MEGATRON_TABLE2_175B = [(384, 153, 84), (768, 149, 43), (1536, 141, 23)]
+# Table 2, ZeRO-3 rows for the same model without model parallelism (DeepSpeed, batch 1536):
+# (GPUs, micro-batch size, achieved TFLOP/s per GPU, training days for 300B tokens).
+MEGATRON_TABLE2_ZERO3_175B = [(384, 4, 144, 90), (768, 2, 88, 74), (1536, 1, 44, 74)]
 
 
 @dataclass(frozen=True)
