@@ -9,8 +9,9 @@ NVIDIA quotes NVLink as the total of both directions, so 600 GB/s of NVLink 3 is
 a node's InfiniBand is shared by its GPUs (DGX A100: 8 HDR ports of 200 Gb/s, one per GPU, 25 GB/s each).
 Latencies are assumptions (stated, not measured here): 2 µs per ring step inside a node, 5 µs across
 nodes, the order of NCCL's small-message latency; they matter only for small messages.
-Memory: the data-sheet capacity at 10^9 bytes per GB (80 GB A100/H100 parts hold 80 GiB, a little more;
-the CUDA context and communication buffers take some back): a layout that fits here fits there.
+Memory: the data-sheet capacity at 10^9 bytes per GB (80 GB A100/H100 parts hold 80 GiB, a little more).
+The planner keeps no allowance for the CUDA context, allocator fragmentation, communication buffers or
+temporaries (a few GB together): read a layout within a few GB of the line as not fitting.
 """
 from __future__ import annotations
 

@@ -256,3 +256,15 @@ def test_bad_divisibility_and_presets():
     with pytest.raises(ValueError, match=r"unknown Cluster field"):
         scale.cluster("dgx-a100", 4, nvlink=1)
     assert math.isfinite(scale.plan(GPT3, A100_1024, scale.Layout(dp=8, tp=8, pp=16)).step)
+
+
+def test_widget_text_is_the_plan():
+    """The planner widget prints course.lessons.scale.describe: its numbers are the plan's."""
+    from course.lessons import scale as ls
+    text = ls.describe(nodes=128, tp=8, pp=16, batch=1536, efficiency=0.5)
+    q = scale.plan(GPT3, A100_1024, scale.Layout(dp=8, tp=8, pp=16, n_micro=192, zero=1, sp=True), efficiency=0.5)
+    assert f"iteration {q.step:.2f} s" in text and f"= {q.memory['total'] / 1e9:.1f} GB of 80: fits" in text
+    with pytest.raises(ValueError, match=r"tp x pp = 128 must divide the 24 GPUs"):
+        ls.describe(nodes=3, tp=8, pp=16)
+    with pytest.raises(ValueError, match=r"batch=1001 must be a multiple of dp x micro_batch = 8 x 1"):
+        ls.describe(batch=1001)

@@ -52,7 +52,7 @@ def plot_memory(plans: dict, ax=None, ylim_gb: float = 200):
         ax.axhline(GPUS[gpu].memory / GB, color="black", linestyle=style, linewidth=1,
                    label=f"{gpu} memory ({GPUS[gpu].memory / GB:.0f} GB)")
     ax.set_ylim(0, ylim_gb)
-    ax.set_ylabel("memory per GPU (GB), fullest pipeline stage")
+    ax.set_ylabel(f"memory per GPU (GB), fullest stage; cut at {ylim_gb:g}")
     ax.tick_params(axis="x", labelrotation=30)
     for t in ax.get_xticklabels():
         t.set_horizontalalignment("right")
@@ -142,14 +142,20 @@ def scaling_curves(model, node: str, batch: int, base: scale.Layout, factors=(1,
 def plot_scaling(curves: dict, ax=None, title: str = ""):
     """TFLOP/s per GPU against the GPU count, one line per dimension grown; hollow markers do not fit."""
     ax = ax or plt.gca()
+    ticks, any_bad = set(), False
     for (dim, pts), marker in zip(curves.items(), "osD"):
         xs = [n for n, _ in pts]
+        ticks.update(xs)
         ax.plot(xs, [q.tflops_per_gpu for _, q in pts], "-", marker=marker, label=f"grow {dim}", alpha=0.85)
         bad = [(n, q.tflops_per_gpu) for n, q in pts if not q.fits]
         if bad:
+            any_bad = True
             ax.plot(*zip(*bad), marker, markersize=11, fillstyle="none", color="black")
-    ax.plot([], [], "o", fillstyle="none", color="black", label="does not fit in memory")
+    if any_bad:
+        ax.plot([], [], "o", fillstyle="none", color="black", label="does not fit in memory")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ticks), [f"{n:,}" for n in sorted(ticks)])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("GPUs")
     ax.set_ylabel("planned TFLOP/s per GPU (counting recomputation)")
     ax.legend(fontsize=8)
@@ -217,6 +223,8 @@ def plot_strong_scaling(res: dict, ax=None):
     ax.plot([r[0] for r in MEGATRON_TABLE2_ZERO3_175B], [r[2] for r in MEGATRON_TABLE2_ZERO3_175B], "D",
             color="tab:orange", markersize=9, fillstyle="none", label="ZeRO-3, published (Table 2)")
     ax.set_xscale("log", base=2)
+    ns = [n for n, _ in res["ptdp"]]
+    ax.set_xticks(ns, [f"{n:,}" for n in ns])
     ax.set_xlabel("A100 GPUs (global batch 1,536 sequences)")
     ax.set_ylabel("TFLOP/s per GPU")
     ax.set_ylim(0, 200)
