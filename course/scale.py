@@ -45,6 +45,14 @@ SCHEDULES = {name: (lambda p, m, v, stage, n=name: costs.in_flight_microbatches(
                     costs.pipeline_bubble) for name in costs.PIPELINE_SCHEDULES}
 
 
+def register_schedule(name: str, in_flight, bubble) -> None:
+    """Add a pipeline schedule: in_flight(p, m, v, stage) -> micro-batches of l/p layers held at the peak,
+    bubble(p, m, v) -> idle time relative to the ideal (e.g. from chapter 07's schedule simulator)."""
+    if not (isinstance(name, str) and name) or not callable(in_flight) or not callable(bubble):
+        raise ValueError(f"register_schedule needs a name and two callables, got {name!r}, {in_flight!r}, {bubble!r}")
+    SCHEDULES[name] = (in_flight, bubble)
+
+
 @dataclass(frozen=True)
 class Layout:
     dp: int = 1
@@ -212,10 +220,17 @@ def _data_parallel(n_params, d, m, zero, link, t_compute, bwd_share, overlap, n_
 
 def dimension_links(cluster: Cluster, layout: Layout) -> dict:
     """"intra" if every group of the dimension lies inside one node, else "inter" (ranks row-major)."""
-    sizes, stride, out = layout.sizes(), 1, {}
+    sizes, stride, out, g = layout.sizes(), 1, {}, cluster.gpus_per_node
     for dim in reversed(layout.order):
-        out[dim] = "intra" if sizes[dim] == 1 or stride * sizes[dim] <= cluster.gpus_per_node else "inter"
-        stride *= sizes[dim]
+        span = stride * sizes[dim]  # a group's members are `stride` apart: first to last + 1 <= span
+        if sizes[dim] == 1 or g % span == 0:
+            out[dim] = "intra"  # groups tile the node exactly
+        elif span > g:
+            out[dim] = "inter"
+        else:  # groups straddle node boundaries for some first ranks: check them
+            firsts = (r for r in range(layout.world) if (r // stride) % sizes[dim] == 0)
+            out[dim] = "inter" if any(r // g != (r + span - stride) // g for r in firsts) else "intra"
+        stride = span
     return out
 
 

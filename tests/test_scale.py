@@ -167,7 +167,8 @@ def test_memory_layers_and_schedules():
 
 def test_dimension_links_agree_with_the_rank_mesh():
     for sizes, order in (((16, 8, 1, 8), scale.DIMS), ((16, 8, 1, 8), ("pipeline", "tensor", "context", "data")),
-                         ((4, 2, 2, 4), scale.DIMS), ((1, 64, 1, 1), scale.DIMS)):
+                         ((4, 2, 2, 4), scale.DIMS), ((1, 64, 1, 1), scale.DIMS), ((4, 3, 1, 2), scale.DIMS),
+                         ((2, 3, 2, 2), ("data", "pipeline", "tensor", "context")), ((1, 5, 1, 8), scale.DIMS)):
         pp, dp, cp, tp = sizes
         lay = scale.Layout(dp=dp, tp=tp, pp=pp, cp=cp, order=order)
         cl = scale.cluster("dgx-a100", lay.world // 8)
@@ -268,3 +269,16 @@ def test_widget_text_is_the_plan():
         ls.describe(nodes=3, tp=8, pp=16)
     with pytest.raises(ValueError, match=r"batch=1001 must be a multiple of dp x micro_batch = 8 x 1"):
         ls.describe(batch=1001)
+
+
+def test_a_registered_schedule_drives_memory_and_bubble(monkeypatch):
+    """The seam for chapter 07: a schedule registered with its in-flight count and bubble is what plan uses."""
+    monkeypatch.setitem(scale.SCHEDULES, "x", scale.SCHEDULES["1f1b"])  # restored after the test
+    scale.register_schedule("x", lambda p, m, v, stage: 1.0, lambda p, m, v: 0.0)
+    lay = dict(dp=8, tp=8, pp=16, n_micro=192, zero=1, sp=True, recompute="none")
+    x, ref = (scale.plan(GPT3, A100_1024, scale.Layout(**lay, schedule=k)) for k in ("x", "1f1b"))
+    assert x.times["bubble"] == 0.0 < ref.times["bubble"]
+    layer = costs.tp_layer_activation_bytes(2048, 1, 12288, 96, 8, True, "none")
+    assert ref.stage_memory[0]["activations"] - x.stage_memory[0]["activations"] == pytest.approx(15 * 6 * layer, rel=1e-12)
+    with pytest.raises(ValueError, match="two callables"):
+        scale.register_schedule("y", None, None)

@@ -48,6 +48,10 @@ for cl in (a100, v100):
 # %% [markdown]
 # ## 1. What the paper says, and what the planner reproduces
 #
+# Table 2.1 trains eight sizes, from 125M to 175B parameters, to see how performance scales with size
+# (GPT-3 §2.1 builds on the scaling laws of Kaplan et al. 2020: loss falls as a smooth power law of
+# parameters, data and compute). Only the largest needs the machinery of this lesson.
+#
 # The GPT-3 paper is brief about how it was trained (Brown et al. 2020, §2.3): *"To train the larger models
 # without running out of memory, we use a mixture of model parallelism within each matrix multiply and
 # model parallelism across the layers of the network. All models were trained on V100 GPU's on part of a
@@ -76,6 +80,7 @@ assert round(N / 1e8) == 1746 and abs(6 * N * D / 3.14e23 - 1) < 0.005
 assert abs(q.flops / eq3 - 1) < 1e-12 and round(days_eq4) == 34
 
 # %%
+# NBVAL_CHECK_OUTPUT
 Markdown(f"GPT-3 175B counts **{N / 1e9:.1f}B** parameters (12h² + 13h per layer, (V + s)·h of embeddings); "
          f"6·N·D for {D / 1e9:.0f}B tokens is **{6 * N * D:.3g} FLOPs**, Table D.1's 3.14e23. One iteration of "
          f"{BATCH} sequences with full recomputation is {q.flops:.3g} FLOPs, eq. 3 exactly, and eq. 4 gives "
@@ -108,6 +113,7 @@ assert max(abs(e) for e in errors) <= 0.20  # the chapter's bound; tests/test_sc
 assert errors[0] > 0 > errors[-1]  # the pattern the text below explains
 
 # %%
+# NBVAL_CHECK_OUTPUT
 worst = max(pred["rows"], key=lambda r: abs(r["error"]) if not r["calibration"] else 0)
 Markdown(f"Fitted on one row, the planner puts the compute at **e = {eff:.1%}** of the A100's peak. Over the "
          f"other nine rows its error is {min(errors):+.0%} to {max(errors):+.0%} (mean |error| "
@@ -141,6 +147,7 @@ assert not fits["DP 1024"] and not fits["TP 8 x DP 128"] and fits["+ full recomp
 assert mem_plans["+ full recompute"].memory["total"] < v100.gpu.memory  # the V100's 32 GB too
 
 # %%
+# NBVAL_CHECK_OUTPUT
 m = {k: q.memory for k, q in mem_plans.items()}
 pp_plan = mem_plans["TP 8 x PP 16 x DP 8"]
 Markdown(f"Pure data parallelism needs **{m['DP 1024']['total'] / GB:,.0f} GB** per GPU (of which "
@@ -159,7 +166,8 @@ Markdown(f"Pure data parallelism needs **{m['DP 1024']['total'] / GB:,.0f} GB** 
 #
 # Tensor parallelism all-reduces b·s·h activations four times per layer and micro-batch (six with full
 # recomputation, which repeats the forward): the largest traffic of any dimension. Inside a DGX node it
-# rides NVLink; one node further, InfiniBand, an order of magnitude slower per GPU. Same pipeline depth
+# rides NVLink; one node further, InfiniBand: the interconnect bandwidth per GPU drops by an order of
+# magnitude. Same pipeline depth
 # (16), ZeRO-1, full recomputation, tensor degree 1 … 32:
 
 # %%
@@ -174,6 +182,7 @@ best = min(tp_plans, key=lambda k: tp_plans[k].step)
 assert best == "TP 8" and tp_plans["TP 16"].links["tensor"] == "inter"
 
 # %%
+# NBVAL_CHECK_OUTPUT
 t8, t16 = tp_plans["TP 8"], tp_plans["TP 16"]
 Markdown(f"At t = 8 each GPU all-reduces {t8.comm_bytes['tensor'] / GB:.0f} GB per iteration over NVLink "
          f"({a100.intra_bw / GB:.0f} GB/s per GPU each way; InfiniBand gives {a100.inter_bw / GB:.0f}). "
@@ -190,8 +199,9 @@ Markdown(f"At t = 8 each GPU all-reduces {t8.comm_bytes['tensor'] / GB:.0f} GB p
 # The story says "data parallel inside each node and model parallel between nodes". The standard
 # placement (Narayanan et al. 2021, §3) is the opposite: tensor inside a node, pipeline across nodes, data
 # parallelism outermost. Give both the *same* degrees — 8 × 8 × 16 on 128 nodes — and change only which
-# dimension is innermost (ranks are numbered row-major, as `course.parallel.mesh.Mesh` does, so the
-# innermost dimension's groups are the GPUs of one node). On V100 nodes, GPT-3's hardware, and on A100:
+# dimension is innermost. The ranks form a device mesh, a grid with one named dimension per kind of
+# parallelism (`course.parallel.mesh.Mesh`); they are numbered row-major over it, so the innermost
+# dimension's groups are consecutive ranks: the GPUs of one node. On V100 nodes, GPT-3's hardware, and on A100:
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -204,6 +214,7 @@ st, sy = (verdict["V100"]["plans"][k] for k in ("standard (TP in node)", "story 
 assert sy.slow_bytes > 50 * st.slow_bytes and sy.step > 2 * st.step
 
 # %%
+# NBVAL_CHECK_OUTPUT
 Markdown(f"On 1,024 V100 the story's placement sends **{sy.slow_bytes / GB:,.0f} GB** per GPU per iteration over "
          f"InfiniBand against **{st.slow_bytes / GB:.1f} GB** for the standard one ({sy.slow_bytes / st.slow_bytes:.0f}×): "
          f"every tensor all-reduce ({st.comm_bytes['tensor'] / GB:.0f} GB) now crosses nodes, while the gradient "
@@ -248,6 +259,7 @@ for n, tflops, days in MEGATRON_TABLE2_175B:
     assert abs(planned[n] / tflops - 1) <= 0.10
 
 # %%
+# NBVAL_CHECK_OUTPUT
 z_hi = {n: q.tflops_per_gpu for n, q in strong["zero3"][1.0]}
 z_lo = {n: q.tflops_per_gpu for n, q in strong["zero3"][0.0]}
 below = [n for n, _, tf, _ in MEGATRON_TABLE2_ZERO3_175B if tf < z_lo[n]]
@@ -296,7 +308,7 @@ print("the planner at its default settings:", ls.describe(efficiency=eff), sep="
 # ## What to remember
 #
 # - GPT-3 175B is 174.6B parameters, 3.14·10²³ FLOPs for 300B tokens; its mixed-precision Adam state is
-#   2.8 TB. No single dimension of parallelism fits it: tensor parallelism is capped by the node, pipeline
+#   16 bytes per parameter, terabytes in all (section 3). No single dimension of parallelism fits it: tensor parallelism is capped by the node, pipeline
 #   parallelism by the bubble, and pipelining does not shrink the first stage's activations (it holds p
 #   micro-batches of l/p layers); ZeRO and recomputation finish the job.
 # - Put each dimension where its traffic fits the link: tensor (hundreds of GB per iteration) on NVLink,
@@ -308,7 +320,7 @@ print("the planner at its default settings:", ls.describe(efficiency=eff), sep="
 #   GPT-3's paper gives no GPU count or layout: every number here is a plan, not a record.
 
 # %% [markdown]
-# ## Your turn
+# ## More to try with the planner
 #
 # 1. GPT-3 was trained on V100s. Find the fastest layout on 128 DGX-1 nodes with `scale.search`; how many
 #    days does it plan, and which constraint (memory or links) decides it?
