@@ -89,7 +89,7 @@ class Plan:
     params: int
     flops: float  # per iteration, as run (recomputation included): Megatron's count
     model_flops: float  # per iteration, PaLM's 6N + 12lhs per token (no recomputation)
-    memory: dict  # bytes per GPU on the fullest stage: params, grads, optimizer, activations, total
+    memory: dict  # bytes per GPU on the fullest stage: params, grads, optimizer, activations, buffers, total
     stage_memory: dict  # the same for the first and the last pipeline stage: {stage index: dict}
     comm_bytes: dict  # bytes one GPU sends per iteration, per dimension
     links: dict  # dimension -> "intra" (inside a node) or "inter" (across nodes)
@@ -128,7 +128,8 @@ def plan(model: GPTSpec, cluster: Cluster, layout: Layout, *, efficiency: float 
          must_fit: bool = False) -> Plan:
     """Memory, communication and step time of `model` trained with `layout` on `cluster`.
 
-    efficiency: achieved fraction of peak FLOP/s of the compute (stated, or from `calibrate`).
+    efficiency: achieved fraction of peak FLOP/s of the compute (stated, or fitted by
+    course.scale_calibration.calibrate).
     overlap_dp: share of its window the data-parallel traffic hides behind (1 perfectly, 0 not at all).
     tensor_within_node: the constraint that tensor groups stay inside a node (Narayanan et al. 2021,
     §3.2 takeaway 1); False lets a layout put them across nodes. must_fit: raise if it does not fit.
@@ -154,8 +155,11 @@ def plan(model: GPTSpec, cluster: Cluster, layout: Layout, *, efficiency: float 
         act = in_flight(p, m, L.v, k) * lps * layer_act + work
         act += 4 * sl * b * h * (1 + V / h) / t if k == p - 1 else 0  # output layer (Korthikanti §4.3)
         state = model_state(n_p, L, precision)
+        # ZeRO-3 gathers a layer's 16-bit weights before using it (and the next one, prefetched) and holds
+        # its full gradient until the reduce-scatter: three layers' worth of transient buffers (FSDP-style)
+        buffers = 3 * 2 * layer_p / t if L.zero == 3 and d > 1 else 0.0
         stages[k] = {"params": state["params"], "grads": state["grads"], "optimizer": state["optimizer"],
-                     "activations": act, "total": state["total"] + act}
+                     "activations": act, "buffers": buffers, "total": state["total"] + act + buffers}
     mem = max(stages.values(), key=lambda x: x["total"])
     n_stage = max(lps * layer_p + emb_p, lps * layer_p + (V * h + 2 * h if p > 1 else 0)) / t  # for the reduce
     # compute: the iteration's FLOPs spread evenly over the GPUs, at `efficiency` of peak

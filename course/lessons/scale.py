@@ -13,8 +13,8 @@ from .. import scale
 from .. import scale_calibration as cal
 from ..scale_presets import GB, GPUS, MEGATRON_TABLE1, MEGATRON_TABLE2_175B, MEGATRON_TABLE2_ZERO3_175B, NODES
 
-PARTS = ("params", "grads", "optimizer", "activations")
-PART_COLORS = dict(zip(PARTS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+PARTS = ("params", "grads", "optimizer", "activations", "buffers")  # buffers: ZeRO-3's gathered layers
+PART_COLORS = dict(zip(PARTS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:gray")))
 TIME_PARTS = ("compute", "bubble", "tensor", "context", "pipeline", "data")
 TIME_COLORS = dict(zip(TIME_PARTS, ("tab:blue", "lightgray", "tab:red", "tab:brown", "tab:purple", "tab:green")))
 STORY_ORDER = ("pipeline", "tensor", "context", "data")  # data innermost (inside a node), model across
@@ -246,7 +246,7 @@ def describe(model: str = "175B", node: str = "dgx-a100", nodes: int = 128, tp: 
                        zero=zero, recompute=recompute, sp=sp, schedule="interleaved" if v > 1 else "1f1b")
     q = scale.plan(scale.gpt3(model), cl, lay, efficiency=efficiency)
     m = q.memory
-    mem = " + ".join(f"{k} {m[k] / GB:.1f}" for k in PARTS)
+    mem = " + ".join(f"{k} {m[k] / GB:.1f}" for k in PARTS if k != "buffers" or m[k])
     times = ", ".join(f"{k} {v:.2f}" for k, v in q.times.items() if v)
     fit = "fits" if q.fits else f"does NOT fit ({m['total'] / GB - cl.gpu.memory / GB:.1f} GB over)"
     return (f"GPT-3 {model} on {cl.world} {cl.gpu.name} ({nodes} x {node}): dp {dp} x tp {tp} x pp {pp}, "

@@ -159,7 +159,9 @@ Markdown(f"Pure data parallelism needs **{m['DP 1024']['total'] / GB:,.0f} GB** 
          f"{pp_plan.memory['optimizer'] / GB:.1f} to {m['+ ZeRO-1']['optimizer'] / GB:.1f} GB; sequence parallelism "
          f"with selective recomputation brings the total to {m['+ seq. parallel, selective']['total'] / GB:.1f} GB, "
          f"full recomputation to {m['+ full recompute']['total'] / GB:.1f} GB, which fits a 32 GB V100. "
-         f"ZeRO-3 alone fits too ({m['ZeRO-3, DP 1024, full']['total'] / GB:.1f} GB): section 6 shows its cost.")
+         f"ZeRO-3 alone fits too ({m['ZeRO-3, DP 1024, full']['total'] / GB:.1f} GB, of which "
+         f"{m['ZeRO-3, DP 1024, full']['buffers'] / GB:.1f} GB are the layers it gathers one at a time): section 6 "
+         f"shows its cost.")
 
 # %% [markdown]
 # ## 4. Why tensor parallelism stops at a node
