@@ -454,3 +454,112 @@ def ring_attention_saved_bytes(b: int, s: int, h: int, a: int, cp: int, *, bytes
     (4·b·(s/cp)·h) and one log-sum-exp per query and head (a·b·s/cp), in the inputs' dtype."""
     sl = s // cp
     return (4 * b * sl * h + a * b * sl) * bytes_per_el
+
+
+# ----------------------------------------------------------------------------- 3D parallelism (chapter 08)
+# Closed forms the planner (course.scale) composes. Symbols: l layers, h width, a heads, s sequence,
+# b micro-batch size, B global batch (sequences), V vocabulary, t tensor, p pipeline, v model chunks per
+# pipeline rank, m micro-batches per iteration, all bytes in 16-bit (2 per element) unless named.
+
+
+def gpt_params(n_layer: int, d_model: int, vocab: int, seq_len: int) -> int:
+    """Exact parameter count of the GPT-2/GPT-3 layout (course.model.Transformer with biases, tied head):
+    per layer 12h² + 13h (qkv 3h² + 3h, projection h² + h, MLP 8h² + 5h, two LayerNorms 4h), the token and
+    learned position embeddings (V + s)·h and the final LayerNorm 2h. Narayanan et al. 2021, eq. 2, is
+    12lh²(1 + 13/12h + (V + s)/12lh): the same without the final LayerNorm."""
+    for name, v in (("n_layer", n_layer), ("d_model", d_model), ("vocab", vocab), ("seq_len", seq_len)):
+        _positive(name, v)
+    return n_layer * (12 * d_model * d_model + 13 * d_model) + (vocab + seq_len) * d_model + 2 * d_model
+
+
+def tp_layer_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                              recompute: str = "none") -> float:
+    """Activation bytes one transformer layer keeps per micro-batch on one tensor-parallel rank.
+
+    Korthikanti et al. 2022, Table 2 (16-bit activations, 1-byte dropout masks): tensor parallelism
+    alone sbh(10 + 24/t + 5as/ht) (the 10sbh of LayerNorm and dropout inputs stay replicated);
+    with sequence parallelism sbh(34/t + 5as/ht); selective recomputation drops the 5as/ht term; full
+    recomputation keeps the layer input, 2sbh (2sbh/t when sequence parallelism shards it, as Megatron's
+    checkpoint of the sequence-parallel region does). Context parallelism: pass s = the local s/cp and
+    the score term is the caller's (see course.scale)."""
+    for name, v in (("s", s), ("b", b), ("h", h), ("a", a), ("t", t)):
+        _positive(name, v)
+    sbh = s * b * h
+    if recompute == "full":
+        return 2 * sbh / (t if sp else 1)
+    if recompute not in ("none", "selective"):
+        raise ValueError(f"recompute must be 'none', 'selective' or 'full', got {recompute!r}")
+    linear = 34 * sbh / t if sp else sbh * (10 + 24 / t)
+    scores = 5 * a * s * s * b / t if recompute == "none" else 0.0
+    return linear + scores
+
+
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+def pipeline_bubble(p: int, m: int, v: int = 1) -> float:
+    """Pipeline bubble relative to the ideal (bubble-free) time: (p - 1)/(v·m) (Narayanan et al. 2021,
+    section 2.2: GPipe and 1F1B (p - 1)/m, the interleaved schedule with v chunks per rank divides it by v).
+    GPipe's idle share of the total time is the other normalisation, (p - 1)/(m + p - 1)."""
+    for name, x in (("p", p), ("m", m), ("v", v)):
+        _positive(name, x)
+    return (p - 1) / (v * m)
+
+
+def in_flight_microbatches(schedule: str, p: int, m: int, v: int = 1, stage: int = 0) -> float:
+    """Micro-batches whose activations pipeline rank `stage` holds at its peak, in units of its full
+    share of layers (l/p): GPipe all m (Huang et al. 2019: every forward runs before any backward);
+    1F1B min(m, p - stage) (Narayanan et al. 2021, section 2.2.1: "at most p" in flight); interleaved
+    with v chunks of l/(pv) layers: (v - 1)p + 2(p - stage - 1) + 1 chunk micro-batches warm up first
+    (Megatron-LM's schedule), capped at v·m, i.e. 1 + (p - 1)/(pv) times 1F1B's p on the first rank
+    (Korthikanti et al. 2022, section 4.2.3)."""
+    for name, x in (("p", p), ("m", m), ("v", v)):
+        _positive(name, x)
+    if not (isinstance(stage, int) and 0 <= stage < p):
+        raise ValueError(f"stage must be an integer in [0, p={p}), got {stage!r}")
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "1f1b":
+        return float(min(m, p - stage))
+    if schedule == "interleaved":
+        return min(v * m, (v - 1) * p + 2 * (p - stage - 1) + 1) / v
+    raise ValueError(f"schedule must be one of {PIPELINE_SCHEDULES}, got {schedule!r}")
+
+
+COLLECTIVE_STEPS = {"all_reduce": lambda n: 2 * (n - 1), "reduce_scatter": lambda n: n - 1,
+                    "all_gather": lambda n: n - 1, "send": lambda n: 1}
+
+
+def collective_seconds(op: str, nbytes: float, world: int, bandwidth: float, latency: float) -> float:
+    """Alpha-beta time of a ring collective (Hockney 1994; Patarasuk & Yuan 2009): steps·α + bytes/β,
+    with the bytes one rank sends (`ring_bytes`; a point-to-point send sends all n) at β bytes/s per
+    direction, and 2(N - 1) steps for all-reduce, N - 1 for reduce-scatter and all-gather, 1 for a send."""
+    if op not in COLLECTIVE_STEPS:
+        raise ValueError(f"op must be one of {sorted(COLLECTIVE_STEPS)}, got {op!r}")
+    _positive("world", world)
+    _positive("bandwidth", bandwidth, integer=False)
+    if not (isinstance(latency, (int, float)) and latency >= 0):
+        raise ValueError(f"latency must be a number >= 0 (seconds), got {latency!r}")
+    if op != "send" and world == 1:
+        return 0.0
+    sent = nbytes if op == "send" else ring_bytes(op, nbytes, world)
+    return COLLECTIVE_STEPS[op](world) * latency + sent / bandwidth
+
+
+def megatron_train_days(tokens: float, n_params: float, n_gpus: int, flops_per_gpu: float) -> float:
+    """End-to-end training time, Narayanan et al. 2021 section 5.1 eq. 4: 8·T·P/(n·X) seconds (eq. 3 with
+    full recomputation, s ≪ 6h and V ≪ 16lh), in days. 175B, 300B tokens, 1,024 A100 at 140 TFLOP/s: 34."""
+    for name, x in (("tokens", tokens), ("n_params", n_params), ("flops_per_gpu", flops_per_gpu)):
+        _positive(name, x, integer=False)
+    _positive("n_gpus", n_gpus)
+    return 8 * tokens * n_params / (n_gpus * flops_per_gpu) / 86400
+
+
+def model_flops_utilization(tokens_per_s: float, n_params: float, n_layer: int, d_model: int, seq_len: int,
+                            n_gpus: int, peak: float) -> float:
+    """MFU (Chowdhery et al. 2022, PaLM appendix B): model FLOPs per token (`flops_per_token`: 6N + 12·L·h·T,
+    no recomputation counted) × tokens/s over the peak of all devices."""
+    _positive("tokens_per_s", tokens_per_s, integer=False)
+    _positive("n_gpus", n_gpus)
+    _positive("peak", peak, integer=False)
+    return flops_per_token(n_params, n_layer, d_model, seq_len) * tokens_per_s / (n_gpus * peak)
