@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from ..model import ModelConfig, Transformer
-from ..recompute import apply_policy
+from ..recompute import apply_policy, policy_of
 from .data_parallel import shard_batch
 from .mesh import Mesh
 from .pipeline import PipelineModel, Stage
@@ -300,30 +300,40 @@ def run_3d(setup: Setup, dp: int, pp: int, tp: int, recompute: str = "none", zer
             "grad_norm": hist.grad_norm, "ref_norm": ref.grad_norm, "every_copy_norm": every,
             "bytes": {k: (c.total_bytes if c is not None else 0.0) for k, c in comms.items()},
             "groups": {d: mesh.groups(d) for d in ORDER}, "params_here": sum(q.numel() for q in model.parameters()),
-            "opt_state": opt_state}
+            "opt_state": opt_state, "optimizer": type(opt[0]).__name__,
+            "recompute": sorted({policy_of(st) for st in model.stages.values()})}
 
 
-def check_nodes(results: list[dict], mesh: Mesh) -> dict:
-    """Under torchrun: every tensor group on one node (GROUP_RANK), and the mesh's node = torchrun's."""
+def check_nodes(results: list[dict], gpus_per_node: int | None) -> dict:
+    """Under torchrun: ranks numbered node by node (RANK = GROUP_RANK·LOCAL_WORLD_SIZE + LOCAL_RANK),
+    every tensor group on one node, and the mesh's idea of a node (rank // gpus_per_node) = torchrun's."""
     by_rank = {r["rank"]: r["nodes"] for r in results}
     if any(n["group_rank"] is None for n in by_rank.values()):
         return {"checked": False}
     per_node = by_rank[0]["local_world_size"]
     placed = all(n["rank"] == n["group_rank"] * per_node + n["local_rank"] for n in by_rank.values())
-    tensor_inside = all(len({by_rank[r]["group_rank"] for r in g}) == 1 for g in mesh.groups("tensor"))
-    node_match = all(mesh.node_of(r) == n["group_rank"] for r, n in by_rank.items()) if mesh.gpus_per_node else None
-    return {"checked": True, "consecutive": placed, "tensor_inside_node": tensor_inside, "mesh_node_is_group_rank":
-            node_match, "group_rank_of_rank": [by_rank[r]["group_rank"] for r in sorted(by_rank)]}
+    tensor = results[0]["groups"]["tensor"]
+    inside = all(len({by_rank[r]["group_rank"] for r in g}) == 1 for g in tensor)
+    match = all(r // gpus_per_node == n["group_rank"] for r, n in by_rank.items()) if gpus_per_node else None
+    return {"checked": True, "consecutive": placed, "tensor_inside_node": inside, "mesh_node_is_group_rank": match,
+            "group_rank_of_rank": [by_rank[r]["group_rank"] for r in sorted(by_rank)],
+            "local_rank_of_rank": [by_rank[r]["local_rank"] for r in sorted(by_rank)], "tensor_groups": tensor}
 
 
-def summary(results: list[dict], mesh: Mesh) -> dict:
+def suite(setup: Setup, cases, gpus_per_node=None) -> list[dict]:
+    """Several (dp, pp, tp, recompute, zero1) cases in one launch (starting 8 ranks costs seconds)."""
+    return [run_3d(setup, *case, gpus_per_node=gpus_per_node) for case in cases]
+
+
+def summary(results: list[dict], gpus_per_node: int | None = None) -> dict:
     """One line for all ranks: the largest differences from one process and the node check."""
     r0 = next(r for r in results if r["rank"] == 0)
     loss = max(abs(a - b) for r in results for a, b in zip(r["loss"], r["ref_loss"]))
     norm = max(abs(a - b) for r in results for a, b in zip(r["grad_norm"], r["ref_norm"]))
-    return {"mesh": dict(mesh.dims), "param_diff": max(r["param_diff"] for r in results), "loss_diff": loss,
-            "grad_norm_diff": norm, "grad_norm": r0["grad_norm"], "ref_norm": r0["ref_norm"],
-            "every_copy_norm": r0["every_copy_norm"], "nodes": check_nodes(results, mesh)}
+    return {"mesh": {d: len(r0["groups"][d][0]) for d in ORDER}, "param_diff": max(r["param_diff"] for r in results),
+            "loss_diff": loss, "grad_norm_diff": norm, "grad_norm": r0["grad_norm"], "ref_norm": r0["ref_norm"],
+            "every_copy_norm": r0["every_copy_norm"], "optimizer": r0["optimizer"], "recompute": r0["recompute"],
+            "nodes": check_nodes(results, gpus_per_node)}
 
 
 def _torchrun_job(setup: Setup, args) -> dict | None:
@@ -334,7 +344,7 @@ def _torchrun_job(setup: Setup, args) -> dict | None:
     dist.all_gather_object(every, res)
     if dist.get_rank() != 0:
         return None
-    return summary(every, make_mesh(args.dp, args.pp, args.tp, gpn, dist.get_world_size()))
+    return summary(every, gpn)
 
 
 def main(argv=None):
@@ -356,7 +366,7 @@ def main(argv=None):
         make_mesh(args.dp, args.pp, args.tp, args.gpus_per_node, world)  # bad input fails before spawning
         values = launch.run(run_3d, world, setup, args.dp, args.pp, args.tp, args.recompute, args.zero1,
                             args.gpus_per_node, timeout=600).values
-        out = summary(values, make_mesh(args.dp, args.pp, args.tp, args.gpus_per_node, world))
+        out = summary(values, args.gpus_per_node)
     if out is not None:
         out["setup"] = asdict(setup)
         print(json.dumps(out))
