@@ -10,7 +10,7 @@
              --rdzv-endpoint=HOST:PORT -m course.parallel.threed --dp 2 --pp 2 --tp 2   # two nodes
 
 PTD-P (Narayanan et al. 2021, "Efficient large-scale language model training on GPU clusters
-using Megatron-LM", section 3): tensor parallelism inside a node, where its all-reduces (four per
+using Megatron-LM", section 3.2, takeaway #1): tensor parallelism inside a node, where its all-reduces (four per
 layer and micro-batch) ride NVLink; pipeline parallelism across nodes, where only one (b, s, h)
 activation per micro-batch and stage boundary crosses the slow link; data parallelism over
 replicas of the whole pipeline. The rank grid is Megatron-LM's order: tensor fastest, then data,
