@@ -8,7 +8,7 @@ row per case for the lesson's table and asserts.
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 
 from ..parallel import launch
 from ..parallel.threed import ORDER, Setup, suite
@@ -27,7 +27,7 @@ def draw_grid(result: dict, gpus_per_node: int = 4):
     """Three panels (tensor, data, pipeline): ranks as cells of a nodes x GPUs grid, coloured by group."""
     groups, world = result["groups"], sum(len(g) for g in result["groups"]["tensor"])
     nodes = world // gpus_per_node
-    fig, axes = plt.subplots(1, 3, figsize=(12, 2.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3), constrained_layout=True)
     cmap = plt.get_cmap("tab10")
     for ax, dim in zip(axes, ("tensor", "data", "pipeline")):
         colour = {r: cmap(i) for i, g in enumerate(groups[dim]) for r in g}
@@ -42,6 +42,9 @@ def draw_grid(result: dict, gpus_per_node: int = 4):
         ax.set_yticks([nodes - 1 - n + 0.44 for n in range(nodes)], [f"node {n}" for n in range(nodes)])
         ax.set_xlabel("local rank (GPU within the node)")
         ax.set_title(TITLES[dim], fontsize=9)
+        ax.legend(handles=[Patch(color=cmap(i), alpha=0.75, label="ranks " + ", ".join(map(str, g)))
+                           for i, g in enumerate(groups[dim])], ncol=2, fontsize=7, frameon=False,
+                  loc="upper center", bbox_to_anchor=(0.5, -0.32))
         for s in ax.spines.values():
             s.set_visible(False)
     fig.suptitle("Mesh(pipeline=2, data=2, tensor=2), 4 ranks per node; cell text: (pipeline, data, tensor) "

@@ -240,6 +240,7 @@ def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, act
     n_tokens = (targets != -100).sum()
     one = next(iter(stages.values()))
     shape, dtype = (idx.size(0) // m, idx.size(1), one.blocks[0].ln_1.weight.size(0)), one.blocks[0].ln_1.weight.dtype
+    device = one.blocks[0].ln_1.weight.device  # receive buffers where the stage computes (a GPU under NCCL)
     memory = ActivationMemory([q for st in stages.values() for q in st.parameters()])
     grad = torch.is_grad_enabled()
     for st in stages.values():
@@ -250,11 +251,13 @@ def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, act
         key, st = (a.stage, a.mb), stages.get(a.stage)
         if a.kind == "RECV_F":  # from the previous stage's SEND_F, tagged as that send
             with comm.span("wait", str(a)):
-                x = _recv(comm, torch.empty(shape, dtype=dtype), schedule.rank_of(a.stage - 1), _tag(a, m))
+                buf = torch.empty(shape, dtype=dtype, device=device)
+                x = _recv(comm, buf, schedule.rank_of(a.stage - 1), _tag(a, m))
             inputs[key] = x.requires_grad_(grad)
         elif a.kind == "RECV_B":
             with comm.span("wait", str(a)):
-                grads[key] = _recv(comm, torch.empty(shape, dtype=dtype), schedule.rank_of(a.stage + 1), _tag(a, m))
+                buf = torch.empty(shape, dtype=dtype, device=device)
+                grads[key] = _recv(comm, buf, schedule.rank_of(a.stage + 1), _tag(a, m))
         elif a.kind.startswith("SEND"):
             if a.kind == "SEND_F":
                 t, to = (outputs[key].detach() if grad else outputs.pop(key)), Action(a.stage + 1, "RECV_F", a.mb)
@@ -365,7 +368,7 @@ class PipelineModel(nn.Module):
                                  idx, targets)
         if grad:
             self.sync_grads(stages)
-        loss = torch.tensor([self.last.loss or 0.0], dtype=params[0].dtype)
+        loss = torch.tensor([self.last.loss or 0.0], dtype=params[0].dtype, device=params[0].device)
         self.comm.broadcast(loss, src=sched.p - 1, name="loss")
         new = [(q, q.grad) for q in params if q.grad is not None]
         for q, old in zip(params, before):
@@ -382,7 +385,8 @@ class PipelineModel(nn.Module):
         key = str(self.schedule.n_stages - 1)
         head = self.stages[key].lm_head.weight if key in self.stages else None
         grads = [q.grad for q in self.parameters() if q.grad is not None and q is not head]
-        sq = torch.tensor([sum(float((g.double() ** 2).sum()) for g in grads)], dtype=torch.float64)
+        sq = torch.tensor([sum(float((g.double() ** 2).sum()) for g in grads)], dtype=torch.float64,
+                          device=next(self.parameters()).device)
         self.comm.all_reduce(sq, name="grad norm")
         norm = math.sqrt(sq.item())
         coef = min(1.0, max_norm / (norm + 1e-6))

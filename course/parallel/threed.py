@@ -163,7 +163,7 @@ class ThreeDModel(PipelineModel):
 
     def _squares(self, every_copy: bool = False) -> torch.Tensor:
         head = self._head()
-        sq = torch.zeros(1, dtype=torch.float64)
+        sq = torch.zeros(1, dtype=torch.float64, device=next(self.parameters()).device)
         for q in self.parameters():
             if q.grad is None or (q is head and not every_copy):
                 continue  # the head's copy of wte: counted once, on stage 0
@@ -238,7 +238,7 @@ class Setup:
         torch.manual_seed(self.seed)
         cfg = ModelConfig.gpt(vocab_size=self.vocab_size, block_size=self.seq_len, n_layer=self.n_layer,
                               n_head=self.n_head, n_embd=self.n_embd)
-        return Transformer(cfg).to(getattr(torch, self.dtype))
+        return Transformer(cfg).to(device=_device(), dtype=getattr(torch, self.dtype))
 
     def train_config(self):
         from ..train import TrainConfig
@@ -254,8 +254,14 @@ class Setup:
             g = torch.Generator().manual_seed(1000 * (split == "val") + self.seed * 7919 + count[split])
             count[split] += 1
             x = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g)
+            x = x.to(_device())
             return shard_batch(x[:, :-1], rank, world), shard_batch(x[:, 1:], rank, world)
         return fn
+
+
+def _device():
+    from .launch import rank_device
+    return rank_device()
 
 
 def _nodes() -> dict:
