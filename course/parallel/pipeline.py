@@ -251,13 +251,13 @@ def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, act
         key, st = (a.stage, a.mb), stages.get(a.stage)
         if a.kind == "RECV_F":  # from the previous stage's SEND_F, tagged as that send
             with comm.span("wait", str(a)):
-                buf = torch.empty(shape, dtype=dtype, device=device)
-                x = _recv(comm, buf, schedule.rank_of(a.stage - 1), _tag(a, m))
+                x = _recv(comm, torch.empty(shape, dtype=dtype, device=device), schedule.rank_of(a.stage - 1),
+                          _tag(a, m))
             inputs[key] = x.requires_grad_(grad)
         elif a.kind == "RECV_B":
             with comm.span("wait", str(a)):
-                buf = torch.empty(shape, dtype=dtype, device=device)
-                grads[key] = _recv(comm, buf, schedule.rank_of(a.stage + 1), _tag(a, m))
+                grads[key] = _recv(comm, torch.empty(shape, dtype=dtype, device=device),
+                                   schedule.rank_of(a.stage + 1), _tag(a, m))  # no name bound: freed when used
         elif a.kind.startswith("SEND"):
             if a.kind == "SEND_F":
                 t, to = (outputs[key].detach() if grad else outputs.pop(key)), Action(a.stage + 1, "RECV_F", a.mb)
