@@ -11,7 +11,8 @@ import pytest
 
 from course.model import ModelConfig, Transformer
 from course.parallel import launch
-from course.parallel.threed import Setup, make_mesh, suite
+from course.parallel.threed import make_mesh
+from course.parallel.threed_experiments import Setup, suite
 from course.parallelize import Plan, parallelize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

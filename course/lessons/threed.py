@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch, Rectangle
 
 from ..parallel import launch
-from ..parallel.threed import ORDER, Setup, suite
+from ..parallel.threed import ORDER
+from ..parallel.threed_experiments import Setup, suite
 
 CASES = ((2, 2, 2, "none", False), (2, 2, 2, "full", True))  # (dp, pp, tp, recompute, ZeRO-1)
 TITLES = {"tensor": "tensor groups (all-reduce in every layer)", "data": "data groups (gradient all-reduce)",
