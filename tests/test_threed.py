@@ -1,4 +1,4 @@
-"""3D parallelism (data x pipeline x tensor = 2 x 2 x 2) on 8 gloo ranks, started two ways: spawned by
+"""3D parallelism (data x pipeline x tensor = 2 x 2 x 2, and 2 x 4 x 1) on 8 gloo ranks, started two ways: spawned by
 course.parallel.launch (one launch carries both cases) and as two "nodes" of torchrun on this machine.
 Each run is compared with one process training the same model on the same batches, in float64.
 """
@@ -17,7 +17,7 @@ from course.parallelize import Plan, parallelize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP = Setup()  # 4 layers, 2 heads, width 16, vocabulary 32, 8 sequences of 8 tokens, 1F1B with 2 micro-batches
-CASES = [(2, 2, 2, "none", False), (2, 2, 2, "full", True)]  # (dp, pp, tp, recompute, zero1)
+CASES = [(2, 2, 2, "none", False), (2, 2, 2, "full", True), (2, 4, 1, "none", True)]  # (dp, pp, tp, recompute, zero1)
 # float64 (eps 1.1e-16): the 3D run changes only the order of sums (the two data-parallel halves of the
 # batch, the micro-batches, the tensor ranks' partial sums and log-sum-exps, the tied embedding's two
 # gradients), each rounding by a few eps relative to its largest term; 3 AdamW steps keep relative errors
