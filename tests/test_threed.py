@@ -1,6 +1,6 @@
-"""3D parallelism (data x pipeline x tensor = 2 x 2 x 2, and 2 x 4 x 1) on 8 gloo ranks, started two ways: spawned by
-course.parallel.launch (one launch carries both cases) and as two "nodes" of torchrun on this machine.
-Each run is compared with one process training the same model on the same batches, in float64.
+"""3D parallelism (data x pipeline x tensor = 2 x 2 x 2, and 2 x 4 x 1) on 8 gloo ranks, started two ways:
+spawned by course.parallel.launch (one launch carries every case) and as two "nodes" of torchrun on this
+machine. Each run is compared with one process training the same model on the same batches, in float64.
 """
 import json
 import os
