@@ -220,10 +220,13 @@ def main(argv=None):
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--recompute", default="none", help="a course.recompute policy, e.g. full")
     ap.add_argument("--zero1", action="store_true", help="ZeRO-1 over the data ranks")
+    ap.add_argument("--schedule", default="1f1b", help=f"one of {SCHEDULES}")
+    ap.add_argument("--micro-batches", type=int, default=2, help="per data-parallel rank and step")
+    ap.add_argument("--virtual-stages", type=int, default=1, help="stages per rank (interleaved)")
     ap.add_argument("--gpus-per-node", type=int, default=None, help="default: torchrun's LOCAL_WORLD_SIZE")
     ap.add_argument("--out", default=None, help="write rank 0's JSON summary here too")
     args = ap.parse_args(argv)
-    setup = Setup()
+    setup = Setup(schedule=args.schedule, micro_batches=args.micro_batches, virtual_stages=args.virtual_stages)
     if launch.under_torchrun():
         out = launch.main(_torchrun_job, setup, args)[0]
     else:

@@ -30,6 +30,7 @@ class Setup:
     batch_size: int = 8  # global batch: split over dp, then into micro-batches
     micro_batches: int = 2
     schedule: str = "1f1b"
+    virtual_stages: int = 1  # stages per rank, for schedule="interleaved"
     steps: int = 3
     lr: float = 1e-2
     grad_clip: float = 0.5  # small enough that every step clips: the norm must be right
@@ -80,7 +81,7 @@ def run_3d(setup: Setup, dp: int, pp: int, tp: int, recompute: str = "none", zer
     from ..train import train
     mesh = make_mesh(dp, pp, tp, gpus_per_node)
     plan = Plan(tensor_parallel=tp > 1, recompute=recompute, shard="zero1" if zero1 else None,
-                pipeline=setup.schedule, micro_batches=setup.micro_batches)
+                pipeline=setup.schedule, micro_batches=setup.micro_batches, virtual_stages=setup.virtual_stages)
     rank, cfg = dist.get_rank(), setup.train_config()
     model = parallelize(setup.model(), plan, mesh=mesh)
     every, opt = [], []
