@@ -1,0 +1,122 @@
+"""Small CPU runs that calibrate the step-time simulator and test its predictions (lesson 08, section 6b).
+
+    res = launch.run(measure, 2, Runs(), timeout=300).values[0]
+    course.scale_calibration.calibrate_cpu(res)    # fit on res["links"] and res["compute"],
+                                                    # predict res["layouts"] (never fitted on them)
+
+One launch of 2 ranks measures, with the same threads per process throughout:
+- links: gloo all-reduces and one-way sends (ping-pong / 2) of several sizes (median of `repeats`);
+- compute: the whole model trained by `course.train.train` on every rank at once, independently (no
+  communication), at several batch sizes: the step time against the step's FLOPs, with the cores as
+  contended as in the parallel runs (the slowest rank's median);
+- layouts: the same model and recipe as data parallel (bucketed, course.parallelize), tensor parallel
+  (course.parallelize) and 1F1B pipeline parallel (course.parallel.pipeline.PipelineModel), 2 ranks each.
+Step times are medians over the steps after the first (which pays one-time costs).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from ..parallelize import Plan, parallelize
+from ..train import train
+from .comm import Comm
+from .experiments import Setup, batch_fn, build_model
+from .mesh import Mesh
+from .pipeline import PipelineModel
+from .schedules import make
+
+
+@dataclass
+class Runs:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    vocab_size: int = 64
+    block_size: int = 64
+    batch_size: int = 8  # global batch of every layout
+    steps: int = 3  # per measured run (the first is dropped)
+    rounds: int = 3
+    compute_batches: tuple = (2, 4, 8)  # whole-model runs the compute rate is fitted on
+    pp_micro_batches: int = 4
+    dp_buckets: int = 4
+    link_sizes: tuple = (2 ** 10, 2 ** 14, 2 ** 17, 2 ** 19, 2 ** 21)  # bytes
+    repeats: int = 7
+
+    def setup(self, batch: int | None = None) -> Setup:
+        return Setup(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, vocab_size=self.vocab_size,
+                     block_size=self.block_size, batch_size=batch or self.batch_size, steps=self.steps,
+                     dtype="float32", grad_clip=None, bucket_mb=self.param_bytes() / self.dp_buckets / 1e6 * 1.01)
+
+    def param_bytes(self) -> float:
+        h, l, V, s = self.n_embd, self.n_layer, self.vocab_size, self.block_size
+        return 4.0 * (l * (12 * h * h + 13 * h) + (V + s) * h + 2 * h)
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def _step_seconds(model, setup: Setup, rank: int = 0, world: int = 1) -> float:
+    cfg = replace(setup.train_config(), eval_interval=10 ** 9)
+    hist = train(model, batch_fn(setup, rank, world), cfg)
+    return _median([setup.batch_size * setup.block_size / tps for tps in hist.tokens_per_s[1:]])
+
+
+def links(r: Runs, comm: Comm) -> list[tuple]:
+    """(op, bytes, world, seconds) samples: all-reduce over the group, one-way send between ranks 0 and 1."""
+    out = []
+    for n in r.link_sizes:
+        x = torch.zeros(n // 4, dtype=torch.float32)
+        for op in ("all_reduce", "send"):
+            trips = []
+            for _ in range(r.repeats):
+                dist.barrier()
+                t = time.perf_counter()
+                if op == "all_reduce":
+                    dist.all_reduce(x)
+                elif comm.rank == 0:
+                    dist.send(x, 1)
+                    dist.recv(x, 1)
+                else:
+                    dist.recv(x, 0)
+                    dist.send(x, 0)
+                trips.append((time.perf_counter() - t) / (1 if op == "all_reduce" else 2))
+            times = torch.tensor([_median(trips)], dtype=torch.float64)
+            dist.broadcast(times, 0)  # rank 0's view for everyone
+            out.append((op, n, comm.world, times.item()))
+    return out
+
+
+def measure(r: Runs) -> dict:
+    """Everything the calibration needs, on every rank of a 2-rank group (rank 0's values are the ones used).
+    The runs alternate in `rounds` rounds, so a machine whose load changes slows all of them alike; each
+    value is the median over rounds of the slowest rank's median step."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != 2:
+        raise ValueError(f"measure runs on 2 ranks, got {world}")
+    comm = Comm()
+    out = {"runs": r, "links": links(r, comm), "compute": [], "layouts": {}}
+    s = r.setup()
+    jobs = {("compute", b): (build_model(r.setup(b)), r.setup(b), 0, 1) for b in r.compute_batches}
+    jobs["DP 2"] = (parallelize(build_model(s), s.plan("bucketed"), comm=Comm()), s, rank, world)
+    jobs["TP 2"] = (parallelize(build_model(s), Plan(tensor_parallel=True), mesh=Mesh(tensor=world)), s, 0, 1)
+    jobs["PP 2"] = (PipelineModel(build_model(s), make("1f1b", world, r.pp_micro_batches),
+                                  Mesh(pipeline=world).comm("pipeline")), s, 0, 1)
+    seen = {k: [] for k in jobs}
+    for _ in range(r.rounds):
+        for key, (model, setup, rk, w) in jobs.items():
+            dist.barrier()
+            t = torch.tensor([_step_seconds(model, setup, rk, w)], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step lasts until its slowest rank is done
+            seen[key].append(t.item())
+    for key, times in seen.items():
+        if isinstance(key, tuple):
+            out["compute"].append((key[1], _median(times)))
+        else:
+            out["layouts"][key] = _median(times)
+    return out
