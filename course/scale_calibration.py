@@ -61,8 +61,10 @@ def megatron_efficiency() -> float:
 # parallel layouts it was not fitted on.
 
 
-def fit_linear(features, ys) -> list[float]:
-    """Least-squares coefficients c of ys ≈ features @ c (float64; exact when the data fit exactly)."""
+def fit_linear(features, ys, relative: bool = False) -> list[float]:
+    """Least-squares coefficients c of ys ≈ features @ c (float64; exact when the data fit exactly).
+    relative: minimise relative errors (rows divided by y), so that samples spanning orders of magnitude
+    (small messages: latency, large ones: bandwidth) each count."""
     import numpy as np
     X, y = np.asarray(features, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     if X.ndim != 2 or len(X) != len(y) or len(y) < X.shape[1]:
@@ -70,30 +72,35 @@ def fit_linear(features, ys) -> list[float]:
                          f"with one time each, got features of shape {X.shape} and {len(y)} times")
     if np.linalg.matrix_rank(X) < X.shape[1]:
         raise ValueError("the samples cannot separate the parameters (vary the sizes: e.g. message bytes)")
-    return np.linalg.lstsq(X, y, rcond=None)[0].tolist()
+    w = 1 / y if relative else np.ones_like(y)
+    col = np.abs(X).max(axis=0)  # columns scaled to 1: FLOPs (1e9) beside counts (1) would be ill-conditioned
+    return (np.linalg.lstsq(X * w[:, None] / col, y * w, rcond=None)[0] / col).tolist()
 
 
 def fit_alpha_beta(samples) -> tuple[float, float]:
     """(α seconds per step, β bytes/s) of t = steps·α + bytes sent/β (Hockney 1994) from samples
-    (op, nbytes, world, seconds), ops as in costs.collective_seconds (ring steps and bytes per rank)."""
+    (op, nbytes, world, seconds), ops as in costs.collective_seconds (ring steps and bytes per rank);
+    least squares on relative errors."""
     from .costs import COLLECTIVE_STEPS, ring_bytes
     for op, n, world, secs in samples:
         if op not in COLLECTIVE_STEPS or not (isinstance(secs, (int, float)) and secs > 0):
             raise ValueError(f"a link sample is (op in {sorted(COLLECTIVE_STEPS)}, bytes, world, seconds > 0), "
                              f"got {(op, n, world, secs)!r}")
     feats = [(COLLECTIVE_STEPS[op](w), n if op == "send" else ring_bytes(op, n, w)) for op, n, w, _ in samples]
-    alpha, inv_beta = fit_linear(feats, [s[3] for s in samples])
+    alpha, inv_beta = fit_linear(feats, [s[3] for s in samples], relative=True)
     if inv_beta <= 0:
         raise ValueError(f"the fitted time per byte is {inv_beta:.3g} s: the samples do not grow with size")
     return max(alpha, 0.0), 1.0 / inv_beta
 
 
-def fit_compute(samples) -> tuple[float, float]:
-    """(overhead seconds per step, FLOP/s) of t = overhead + FLOPs/rate from samples (FLOPs, seconds)."""
-    overhead, inv_rate = fit_linear([(1.0, f) for f, _ in samples], [t for _, t in samples])
+def fit_compute(samples) -> tuple[float, float, float]:
+    """(seconds per step, seconds per forward-backward pass, FLOP/s) of
+    t = step overhead + passes · pass overhead + FLOPs/rate, from samples (FLOPs, passes, seconds):
+    the optimizer step, the fixed cost of running the model once (Python, kernel launches), the matmuls."""
+    step, per_pass, inv_rate = fit_linear([(1.0, k, f) for f, k, _ in samples], [t for *_, t in samples])
     if inv_rate <= 0:
         raise ValueError(f"the fitted time per FLOP is {inv_rate:.3g} s: the step time does not grow with FLOPs")
-    return max(overhead, 0.0), 1.0 / inv_rate
+    return max(step, 0.0), max(per_pass, 0.0), 1.0 / inv_rate
 
 
 def cpu_case(runs, rate: float, collective: tuple, p2p: tuple, layout):
@@ -122,22 +129,23 @@ def cpu_layout(runs, name: str, dims: dict = None):
 
 
 def calibrate_cpu(res: dict, layouts: dict | None = None) -> dict:
-    """Fit (compute rate, per-step overhead, α–β of collectives and of sends) on res["links"] and
+    """Fit (compute rate, per-step and per-pass overheads, α–β of collectives and of sends) on res["links"] and
     res["compute"] and predict every
     measured layout with course.simulate: {"fit": ..., "layouts": {name: (measured, predicted, error)}}."""
     from . import costs, simulate
     runs = res["runs"]
     coll = fit_alpha_beta([x for x in res["links"] if x[0] != "send"])
     p2p = fit_alpha_beta([x for x in res["links"] if x[0] == "send"])
-    flops = [(costs.korthikanti_flops(runs.block_size, b, runs.n_embd, runs.n_layer, runs.vocab_size), t)
-             for b, t in res["compute"]]
-    overhead, rate = fit_compute(flops)
-    out = {"fit": {"collective": coll, "p2p": p2p, "rate": rate, "overhead": overhead}, "layouts": {}}
+    flops = [(costs.korthikanti_flops(runs.block_size, b, runs.n_embd, runs.n_layer, runs.vocab_size), k, t)
+             for b, k, t in res["compute"]]
+    overhead, per_pass, rate = fit_compute(flops)
+    out = {"fit": {"collective": coll, "p2p": p2p, "rate": rate, "overhead": overhead, "pass_overhead": per_pass},
+           "layouts": {}}
     for name, measured in res["layouts"].items():
         dims = (layouts or CPU_LAYOUTS)[name]
         lay = cpu_layout(runs, name, dims)
         spec, cl = cpu_case(runs, rate, coll, p2p, lay)
         sim = simulate.simulate(spec, cl, lay, efficiency=1.0, bytes_per_el=4, step_overhead=overhead,
-                                buckets=runs.dp_buckets)
+                                pass_overhead=per_pass, buckets=runs.dp_buckets)
         out["layouts"][name] = (measured, sim.step, sim.step / measured - 1)
     return out

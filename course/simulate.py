@@ -81,9 +81,12 @@ def _check_positive(name, x, integer=False, zero=False):
 
 
 def action_costs(model, cluster, layout, *, efficiency: float = 0.5, bytes_per_el: int = 2,
-                 scatter_gather: bool = True, tensor_within_node: bool = True) -> dict:
+                 scatter_gather: bool = True, tensor_within_node: bool = True, pass_overhead: float = 0.0) -> dict:
     """Seconds of one chunk's F and B for one micro-batch (compute, tensor, context), of a pipeline hop,
-    and the data-parallel collectives per rank, from the planner's counts (`course.scale.plan`)."""
+    and the data-parallel collectives per rank, from the planner's counts (`course.scale.plan`).
+    pass_overhead: fixed seconds of one forward + backward of the whole model (Python, kernel launches),
+    whatever its size; a chunk pays its layers' share, which tensor parallelism does not divide."""
+    _check_positive("pass_overhead", pass_overhead, zero=True)
     scale.validate(model, cluster, layout, tensor_within_node)
     _check_positive("efficiency", efficiency)
     if efficiency > 1:
@@ -105,7 +108,8 @@ def action_costs(model, cluster, layout, *, efficiency: float = 0.5, bytes_per_e
     hop = costs.collective_seconds("send", msg / t if scatter_gather and t > 1 else msg, 2, *bw["pipeline"])
     if scatter_gather and t > 1:
         hop += costs.collective_seconds("all_gather", msg, t, *bw["tensor"])
-    return {"F": per_action * fwd, "B": per_action * (1 - fwd),
+    fixed = pass_overhead * lpc / model.n_layer
+    return {"F": (per_action + fixed) * fwd, "B": (per_action + fixed) * (1 - fwd),
             "tensor_F": lpc * 2 * ar, "tensor_B": lpc * (4 if full else 2) * ar,
             "context_F": lpc * (L.cp - 1) * kv, "context_B": lpc * (L.cp - 1) * (3 if full else 2) * kv,
             "hop": hop if p > 1 else 0.0, "data_link": bw["data"], "d": d, "links": links,
@@ -128,14 +132,15 @@ def _one_rank_schedule(m: int) -> schedules.Schedule:
 
 
 def simulate(model, cluster, layout, *, efficiency: float = 0.5, buckets: int = 4, bytes_per_el: int = 2,
-             grad_bytes_per_el: int | None = None, step_overhead: float = 0.0, pipeline_link: bool = True,
-             scatter_gather: bool = True, tensor_within_node: bool = True) -> Simulation:
+             grad_bytes_per_el: int | None = None, step_overhead: float = 0.0, pass_overhead: float = 0.0,
+             pipeline_link: bool = True, scatter_gather: bool = True, tensor_within_node: bool = True) -> Simulation:
     """Play one iteration of `layout`; see the module docstring. buckets: data-parallel buckets per chunk.
-    step_overhead: seconds of the optimizer step (after the reduce). pipeline_link=False: hops are free."""
+    step_overhead: seconds of the optimizer step (after the reduce); pass_overhead: see `action_costs`.
+    pipeline_link=False: hops are free."""
     _check_positive("buckets", buckets, integer=True)
     _check_positive("step_overhead", step_overhead, zero=True)
     c = action_costs(model, cluster, layout, efficiency=efficiency, bytes_per_el=bytes_per_el,
-                     scatter_gather=scatter_gather, tensor_within_node=tensor_within_node)
+                     scatter_gather=scatter_gather, tensor_within_node=tensor_within_node, pass_overhead=pass_overhead)
     L, d, link = layout, c["d"], c["data_link"]
     gbytes = grad_bytes_per_el or bytes_per_el
     S = L.pp * L.v

@@ -114,8 +114,8 @@ def test_alpha_beta_fit_recovers_synthetic_parameters():
                for op in ("all_reduce", "send", "all_gather") for n in (1e3, 1e5, 1e7) for w in (2, 4)]
     a, b = cal.fit_alpha_beta(samples)
     assert a == pytest.approx(alpha, rel=1e-9) and b == pytest.approx(beta, rel=1e-9)  # exact data, lstsq rounding
-    o, r = cal.fit_compute([(f, 0.01 + f / 2e10) for f in (1e8, 5e8, 2e9)])
-    assert o == pytest.approx(0.01, rel=1e-9) and r == pytest.approx(2e10, rel=1e-9)
+    o, k, r = cal.fit_compute([(f, n, 0.01 + 0.003 * n + f / 2e10) for f, n in ((1e8, 1), (5e8, 1), (2e9, 1), (2e9, 4))])
+    assert (o, k, r) == pytest.approx((0.01, 0.003, 2e10), rel=1e-9)
 
 
 def test_calibrate_cpu_predicts_synthetic_runs_exactly():
@@ -123,17 +123,17 @@ def test_calibrate_cpu_predicts_synthetic_runs_exactly():
     calibration pipeline (fits, layouts, cluster) is consistent end to end."""
     from course.parallel.calibration_runs import Runs
     r = Runs()
-    coll, p2p, rate, over = (1e-4, 1e9), (5e-5, 3e9), 2e10, 0.02
+    coll, p2p, rate, over, per_pass = (1e-4, 1e9), (5e-5, 3e9), 2e10, 0.02, 0.004
     links = [(op, n, 2, costs.collective_seconds(op, n, 2, *((coll if op != "send" else p2p)[::-1])))
              for op in ("all_reduce", "send") for n in r.link_sizes]
-    comp = [(b, over + costs.korthikanti_flops(r.block_size, b, r.n_embd, r.n_layer, r.vocab_size) / rate)
-            for b in r.compute_batches]
+    comp = [(b, k, over + k * per_pass + costs.korthikanti_flops(r.block_size, b, r.n_embd, r.n_layer,
+                                                                   r.vocab_size) / rate) for b, k in r.compute_runs]
     layouts = {}
     for name in cal.CPU_LAYOUTS:
         lay = cal.cpu_layout(r, name)
         spec, cl = cal.cpu_case(r, rate, coll, p2p, lay)
         layouts[name] = simulate.simulate(spec, cl, lay, efficiency=1.0, bytes_per_el=4, step_overhead=over,
-                                          buckets=r.dp_buckets).step
+                                          pass_overhead=per_pass, buckets=r.dp_buckets).step
     out = cal.calibrate_cpu({"runs": r, "links": links, "compute": comp, "layouts": layouts})
     assert all(abs(err) < 1e-9 for _, _, err in out["layouts"].values())
 

@@ -7,11 +7,15 @@
 One launch of 2 ranks measures, with the same threads per process throughout:
 - links: gloo all-reduces and one-way sends (ping-pong / 2) of several sizes (median of `repeats`);
 - compute: the whole model trained by `course.train.train` on every rank at once, independently (no
-  communication), at several batch sizes: the step time against the step's FLOPs, with the cores as
+  communication), at several batch sizes and numbers of micro-batches: the step time against the step's
+  FLOPs and forward-backward passes, with the cores as
   contended as in the parallel runs (the slowest rank's median);
 - layouts: the same model and recipe as data parallel (bucketed, course.parallelize), tensor parallel
   (course.parallelize) and 1F1B pipeline parallel (course.parallel.pipeline.PipelineModel), 2 ranks each.
-Step times are medians over the steps after the first (which pays one-time costs).
+Every time is the fastest of its repeats (steps after the first, which pays one-time costs, over all
+rounds): on a shared machine interference only adds time, so the fastest is the closest to the
+undisturbed cost, for the samples the fit uses and the runs it predicts alike (medians on this
+machine, loaded by other jobs, varied by 2x between runs).
 """
 from __future__ import annotations
 
@@ -40,15 +44,16 @@ class Runs:
     batch_size: int = 8  # global batch of every layout
     steps: int = 3  # per measured run (the first is dropped)
     rounds: int = 3
-    compute_batches: tuple = (2, 4, 8)  # whole-model runs the compute rate is fitted on
+    compute_runs: tuple = ((2, 1), (4, 1), (8, 1), (8, 4))  # whole-model (batch, micro-batches) runs fitted on
     pp_micro_batches: int = 4
     dp_buckets: int = 4
     link_sizes: tuple = (2 ** 10, 2 ** 14, 2 ** 17, 2 ** 19, 2 ** 21)  # bytes
-    repeats: int = 7
+    repeats: int = 15
 
-    def setup(self, batch: int | None = None) -> Setup:
+    def setup(self, batch: int | None = None, micro_batches: int = 1) -> Setup:
         return Setup(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, vocab_size=self.vocab_size,
                      block_size=self.block_size, batch_size=batch or self.batch_size, steps=self.steps,
+                     micro_batches=micro_batches,
                      dtype="float32", grad_clip=None, bucket_mb=self.param_bytes() / self.dp_buckets / 1e6 * 1.01)
 
     def param_bytes(self) -> float:
@@ -56,15 +61,11 @@ class Runs:
         return 4.0 * (l * (12 * h * h + 13 * h) + (V + s) * h + 2 * h)
 
 
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
 def _step_seconds(model, setup: Setup, rank: int = 0, world: int = 1) -> float:
     cfg = replace(setup.train_config(), eval_interval=10 ** 9)
     hist = train(model, batch_fn(setup, rank, world), cfg)
-    return _median([setup.batch_size * setup.block_size / tps for tps in hist.tokens_per_s[1:]])
+    local = setup.batch_size // world * setup.block_size  # the tokens train() counts on this rank per step
+    return min(local / tps for tps in hist.tokens_per_s[1:])
 
 
 def links(r: Runs, comm: Comm) -> list[tuple]:
@@ -86,23 +87,24 @@ def links(r: Runs, comm: Comm) -> list[tuple]:
                     dist.recv(x, 0)
                     dist.send(x, 0)
                 trips.append((time.perf_counter() - t) / (1 if op == "all_reduce" else 2))
-            times = torch.tensor([_median(trips)], dtype=torch.float64)
+            times = torch.tensor([min(trips)], dtype=torch.float64)
             dist.broadcast(times, 0)  # rank 0's view for everyone
             out.append((op, n, comm.world, times.item()))
     return out
 
 
+
 def measure(r: Runs) -> dict:
     """Everything the calibration needs, on every rank of a 2-rank group (rank 0's values are the ones used).
     The runs alternate in `rounds` rounds, so a machine whose load changes slows all of them alike; each
-    value is the median over rounds of the slowest rank's median step."""
+    value is the fastest over rounds of the slowest rank's fastest step."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != 2:
         raise ValueError(f"measure runs on 2 ranks, got {world}")
     comm = Comm()
     out = {"runs": r, "links": links(r, comm), "compute": [], "layouts": {}}
     s = r.setup()
-    jobs = {("compute", b): (build_model(r.setup(b)), r.setup(b), 0, 1) for b in r.compute_batches}
+    jobs = {("compute", b, k): (build_model(r.setup(b, k)), r.setup(b, k), 0, 1) for b, k in r.compute_runs}
     jobs["DP 2"] = (parallelize(build_model(s), s.plan("bucketed"), comm=Comm()), s, rank, world)
     jobs["TP 2"] = (parallelize(build_model(s), Plan(tensor_parallel=True), mesh=Mesh(tensor=world)), s, 0, 1)
     jobs["PP 2"] = (PipelineModel(build_model(s), make("1f1b", world, r.pp_micro_batches),
@@ -116,7 +118,7 @@ def measure(r: Runs) -> dict:
             seen[key].append(t.item())
     for key, times in seen.items():
         if isinstance(key, tuple):
-            out["compute"].append((key[1], _median(times)))
+            out["compute"].append((key[1], key[2], min(times)))
         else:
-            out["layouts"][key] = _median(times)
+            out["layouts"][key] = min(times)
     return out
