@@ -68,15 +68,22 @@ def _step_seconds(model, setup: Setup, rank: int = 0, world: int = 1) -> float:
     return min(local / tps for tps in hist.tokens_per_s[1:])
 
 
-def links(r: Runs, comm: Comm) -> list[tuple]:
-    """(op, bytes, world, seconds) samples: all-reduce over the group, one-way send between ranks 0 and 1."""
+def links(r: Runs, comm: Comm, after_compute: bool = False) -> list[tuple]:
+    """(op, bytes, world, seconds) samples: all-reduce over the group, one-way send between ranks 0 and 1.
+    after_compute=False: the fastest of `repeats` back-to-back messages (the link itself). True: each
+    message right after both ranks computed a layer's matmul, as in training, and the mean: then a
+    message also waits for a partner that the machine's scheduler runs late, and a step pays the mean
+    of many such waits."""
     out = []
+    act, w = torch.randn(r.batch_size * r.block_size, r.n_embd), torch.randn(r.n_embd, 4 * r.n_embd)
     for n in r.link_sizes:
         x = torch.zeros(n // 4, dtype=torch.float32)
         for op in ("all_reduce", "send"):
             trips = []
             for _ in range(r.repeats):
                 dist.barrier()
+                if after_compute:
+                    torch.mm(act, w)
                 t = time.perf_counter()
                 if op == "all_reduce":
                     dist.all_reduce(x)
@@ -87,7 +94,8 @@ def links(r: Runs, comm: Comm) -> list[tuple]:
                     dist.recv(x, 0)
                     dist.send(x, 0)
                 trips.append((time.perf_counter() - t) / (1 if op == "all_reduce" else 2))
-            times = torch.tensor([min(trips)], dtype=torch.float64)
+            stat = sum(trips) / len(trips) if after_compute else min(trips)
+            times = torch.tensor([stat], dtype=torch.float64)
             dist.broadcast(times, 0)  # rank 0's view for everyone
             out.append((op, n, comm.world, times.item()))
     return out
@@ -102,7 +110,8 @@ def measure(r: Runs) -> dict:
     if world != 2:
         raise ValueError(f"measure runs on 2 ranks, got {world}")
     comm = Comm()
-    out = {"runs": r, "links": links(r, comm), "compute": [], "layouts": {}}
+    out = {"runs": r, "links": links(r, comm), "links_in_training": links(r, comm, after_compute=True),
+           "compute": [], "layouts": {}}
     s = r.setup()
     jobs = {("compute", b, k): (build_model(r.setup(b, k)), r.setup(b, k), 0, 1) for b, k in r.compute_runs}
     jobs["DP 2"] = (parallelize(build_model(s), s.plan("bucketed"), comm=Comm()), s, rank, world)
