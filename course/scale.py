@@ -342,7 +342,7 @@ def search(model: GPTSpec, cluster: Cluster, batch: int, *, micro_batches=(1, 2,
     if rank_by == "plan":
         return found
     from .simulate import simulate
-    sim_kw = {k: kw[k] for k in ("efficiency", "scatter_gather", "tensor_within_node") if k in kw}
+    sim_kw = {k: kw[k] for k in ("efficiency", "scatter_gather", "tensor_within_node", "overlap_dp") if k in kw}
     found = found[:simulate_top]
     for q in found:
         q.simulated = simulate(model, cluster, q.layout, **sim_kw).step

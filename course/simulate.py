@@ -133,10 +133,14 @@ def _one_rank_schedule(m: int) -> schedules.Schedule:
 
 def simulate(model, cluster, layout, *, efficiency: float = 0.5, buckets: int = 4, bytes_per_el: int = 2,
              grad_bytes_per_el: int | None = None, step_overhead: float = 0.0, pass_overhead: float = 0.0,
-             pipeline_link: bool = True, scatter_gather: bool = True, tensor_within_node: bool = True) -> Simulation:
+             overlap_dp: float = 1.0, pipeline_link: bool = True, scatter_gather: bool = True,
+             tensor_within_node: bool = True) -> Simulation:
     """Play one iteration of `layout`; see the module docstring. buckets: data-parallel buckets per chunk.
     step_overhead: seconds of the optimizer step (after the reduce); pass_overhead: see `action_costs`.
-    pipeline_link=False: hops are free."""
+    overlap_dp: the share of the backward the buckets spread over (1: bucket k of n is ready k/n of the
+    way through, as in DDP; 0: all ready when it ends, a reduce after backward). pipeline_link=False: hops are free."""
+    if not (isinstance(overlap_dp, (int, float)) and 0 <= overlap_dp <= 1):
+        raise ValueError(f"overlap_dp must be a fraction in [0, 1], got {overlap_dp!r}")
     _check_positive("buckets", buckets, integer=True)
     _check_positive("step_overhead", step_overhead, zero=True)
     c = action_costs(model, cluster, layout, efficiency=efficiency, bytes_per_el=bytes_per_el,
@@ -175,14 +179,14 @@ def simulate(model, cluster, layout, *, efficiency: float = 0.5, buckets: int = 
             sends = (a.kind == "F" and a.stage < S - 1) or (a.kind == "B" and a.stage > 0)
             if sends and c["hop"] and pipeline_link:
                 spans.append(Span(r, "pipeline", "send", str(a), end, end + c["hop"]))
-        spans += _data_parallel(r, events, L, d, link, gbytes, model, buckets, step_overhead, z3)
+        spans += _data_parallel(r, events, L, d, link, gbytes, model, buckets, step_overhead, z3, overlap_dp)
     stride = {dim: 1 for dim in L.order}
     for i in range(len(L.order) - 2, -1, -1):
         stride[L.order[i]] = stride[L.order[i + 1]] * L.sizes()[L.order[i + 1]]
     return Simulation(L, spans, c, [r * stride["pipeline"] for r in range(L.pp)])
 
 
-def _data_parallel(r, events, L, d, link, gbytes, model, buckets, overhead, z3) -> list[Span]:
+def _data_parallel(r, events, L, d, link, gbytes, model, buckets, overhead, z3, overlap) -> list[Span]:
     """The rank's bucketed gradient reduce on the data link (FIFO), the optimizer step, ZeRO-1's gather."""
     end = max(e for _, _, e in events)
     if d == 1 or z3:
@@ -194,10 +198,10 @@ def _data_parallel(r, events, L, d, link, gbytes, model, buckets, overhead, z3) 
         if a.kind == "B":
             last[a.stage] = (a, start, stop)
             if L.zero == 2:
-                ready += _buckets(a, start, stop, op, gbytes * chunk_params(model, L, a.stage), d, link, buckets)
+                ready += _buckets(a, start, stop, op, gbytes * chunk_params(model, L, a.stage), d, link, buckets, overlap)
     if L.zero != 2:
         for a, start, stop in last.values():
-            ready += _buckets(a, start, stop, op, gbytes * chunk_params(model, L, a.stage), d, link, buckets)
+            ready += _buckets(a, start, stop, op, gbytes * chunk_params(model, L, a.stage), d, link, buckets, overlap)
     out, free = [], 0.0
     for when, secs, label in sorted(ready):
         t0 = max(when, free)
@@ -213,7 +217,8 @@ def _data_parallel(r, events, L, d, link, gbytes, model, buckets, overhead, z3) 
     return out
 
 
-def _buckets(a, start, stop, op, nbytes, d, link, n):
-    """n equal buckets of a chunk's gradients, the k-th complete k/n of the way through its backward."""
+def _buckets(a, start, stop, op, nbytes, d, link, n, overlap=1.0):
+    """n equal buckets of a chunk's gradients, the k-th complete (k+1)/n of the way through the last
+    `overlap` share of its backward."""
     secs = costs.collective_seconds(op, nbytes / n, d, *link)
-    return [(start + (k + 1) / n * (stop - start), secs, f"{a} bucket {k}") for k in range(n)]
+    return [(stop - overlap * (1 - (k + 1) / n) * (stop - start), secs, f"{a} bucket {k}") for k in range(n)]

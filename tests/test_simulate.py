@@ -59,6 +59,18 @@ def test_data_parallel_reduce_agrees_with_planner_within_one_bucket(zero, n):
         assert -1e-12 <= sim.step - p.step <= slack + 1e-12
 
 
+def test_no_overlap_exposes_the_whole_reduce():
+    """overlap_dp=0: the buckets leave after the backward, one after the other: the step grows by
+    exactly their total (pp = tp = 1, ZeRO-0: nothing else on the data link; float rounding, rel 1e-12)."""
+    lay = scale.Layout(dp=8, n_micro=1, recompute="none")
+    plain = simulate.simulate(SMALL, NODE, scale.Layout(dp=8, n_micro=1, recompute="none"), buckets=4, overlap_dp=0.0)
+    compute = sum(s.end - s.start for s in plain.spans if s.stream == "compute")
+    reduce = sum(s.end - s.start for s in plain.spans if s.kind == "reduce")
+    assert plain.step == pytest.approx(compute + reduce, rel=1e-12)
+    assert reduce == pytest.approx(4 * costs.collective_seconds("all_reduce", 2 * simulate.chunk_params(SMALL, lay, 0) / 4,
+                                                                8, NODE.intra_bw, NODE.intra_latency), rel=1e-12)
+
+
 def test_many_buckets_converge_to_planner():
     """With latency 0 and 4096 buckets the two differ by under 1/4096 of the backward plus one bucket."""
     cl = scale.cluster("dgx-a100", 1, intra_latency=0.0)
@@ -141,7 +153,8 @@ def test_calibrate_cpu_predicts_synthetic_runs_exactly():
 def test_bad_inputs():
     lay = scale.Layout(dp=8, n_micro=1)
     for kw, match in ((dict(buckets=0), "buckets"), (dict(step_overhead=-1.0), "step_overhead"),
-                      (dict(efficiency=1.5), "efficiency"), (dict(bytes_per_el=0), "bytes_per_el")):
+                      (dict(efficiency=1.5), "efficiency"), (dict(bytes_per_el=0), "bytes_per_el"),
+                      (dict(overlap_dp=2), "overlap_dp"), (dict(pass_overhead=-1), "pass_overhead")):
         with pytest.raises(ValueError, match=match):
             simulate.simulate(SMALL, NODE, lay, **kw)
     with pytest.raises(ValueError, match="dp x tp x pp x cp"):
