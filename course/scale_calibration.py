@@ -128,18 +128,14 @@ def cpu_layout(runs, name: str, dims: dict = None):
                         recompute="none")
 
 
-def calibrate_cpu(res: dict, layouts: dict | None = None, links: str = "links_in_training") -> dict:
+def calibrate_cpu(res: dict, layouts: dict | None = None) -> dict:
     """Fit (compute rate, per-step and per-pass overheads, α–β of collectives and of sends) on res["links"] and
     res["compute"] and predict every
-    measured layout with course.simulate: {"fit": ..., "layouts": {name: (measured, predicted, error)}}.
-    links: which link samples to fit: "links_in_training" (each message right after compute, the mean:
-    what a training step meets) or "links" (back-to-back, the fastest: the link alone)."""
+    measured layout with course.simulate: {"fit": ..., "layouts": {name: (measured, predicted, error)}}."""
     from . import costs, simulate
     runs = res["runs"]
-    if links not in ("links", "links_in_training") or links not in res:
-        raise ValueError(f"links must be 'links' or 'links_in_training' (a key of the measurement), got {links!r}")
-    coll = fit_alpha_beta([x for x in res[links] if x[0] != "send"])
-    p2p = fit_alpha_beta([x for x in res[links] if x[0] == "send"])
+    coll = fit_alpha_beta([x for x in res["links"] if x[0] != "send"])
+    p2p = fit_alpha_beta([x for x in res["links"] if x[0] == "send"])
     flops = [(costs.korthikanti_flops(runs.block_size, b, runs.n_embd, runs.n_layer, runs.vocab_size), k, t)
              for b, k, t in res["compute"]]
     overhead, per_pass, rate = fit_compute(flops)

@@ -70,11 +70,11 @@ def plot_gantt(sim: simulate.Simulation, ranks=None, ax=None, window=None, title
 
 def cpu_calibration(runs=None, timeout: float = 300.0) -> dict:
     """Measure on 2 CPU ranks (course.parallel.calibration_runs), fit, predict: calibrate_cpu's result
-    with the links met in training, "link_alone" the same with the back-to-back links, "measured" the raw data."""
+    plus the raw measurement under "measured"."""
     from ..parallel import launch
     from ..parallel.calibration_runs import Runs, measure
     res = launch.run(measure, 2, runs or Runs(), timeout=timeout).values[0]
-    return {**cal.calibrate_cpu(res), "link_alone": cal.calibrate_cpu(res, links="links"), "measured": res}
+    return {**cal.calibrate_cpu(res), "measured": res}
 
 
 def plot_cpu_calibration(out: dict, axes=None):
@@ -83,26 +83,23 @@ def plot_cpu_calibration(out: dict, axes=None):
         _, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     ax = axes[0]
     for op, key, color in (("all_reduce", "collective", "tab:red"), ("send", "p2p", "tab:purple")):
-        for source, fit, marker, what in (("links_in_training", out["fit"], "o", "after compute, mean"),
-                                          ("links", out["link_alone"]["fit"], "x", "back to back, fastest")):
-            pts = [(n, t) for o, n, _, t in out["measured"][source] if o == op]
-            n = np.array([p[0] for p in pts], dtype=float)
-            a, b = fit[key]
-            steps = 2 if op == "all_reduce" else 1  # 2 ranks: 2(N-1) ring steps and 2(N-1)/N·n bytes = n
-            ax.loglog(n, [p[1] * 1e3 for p in pts], marker, color=color, label=f"{op}, {what}")
-            ax.loglog(n, (steps * a + n / b) * 1e3, "-" if marker == "o" else ":", color=color,
-                      label=f"fit α = {a * 1e6:.0f} µs, β = {b / GB:.2f} GB/s")
+        pts = [(n, t) for o, n, _, t in out["measured"]["links"] if o == op]
+        n = np.array([p[0] for p in pts], dtype=float)
+        a, b = out["fit"][key]
+        steps = 2 if op == "all_reduce" else 1  # 2 ranks: 2(N-1) ring steps and 2(N-1)/N·n bytes = n
+        ax.loglog(n, [p[1] * 1e3 for p in pts], "o", color=color, label=f"{op} measured (fastest of repeats)")
+        ax.loglog(n, (steps * a + n / b) * 1e3, "-", color=color, label=f"fit α = {a * 1e6:.0f} µs, β = {b / GB:.2f} GB/s")
     ax.set_xlabel("message size (bytes)")
     ax.set_ylabel("time (ms)")
     ax.set_title("gloo on this machine, 2 ranks")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7)
     ax = axes[1]
     names = list(out["layouts"])
     meas = [out["layouts"][k][0] * 1e3 for k in names]
     pred = [out["layouts"][k][1] * 1e3 for k in names]
     x = np.arange(len(names))
     ax.bar(x - 0.2, meas, 0.4, label="measured", color="tab:gray")
-    ax.bar(x + 0.2, pred, 0.4, label="simulated (fitted on compute + links met in training)", color="tab:blue")
+    ax.bar(x + 0.2, pred, 0.4, label="simulated (fitted on compute + links only)", color="tab:blue")
     for i, k in enumerate(names):
         ax.text(x[i] + 0.2, pred[i], f"{out['layouts'][k][2]:+.0%}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, names)

@@ -8,14 +8,13 @@ One launch of 2 ranks measures, with the same threads per process throughout:
 - links: gloo all-reduces and one-way sends (ping-pong / 2) of several sizes (median of `repeats`);
 - compute: the whole model trained by `course.train.train` on every rank at once, independently (no
   communication), at several batch sizes and numbers of micro-batches: the step time against the step's
-  FLOPs and forward-backward passes, with the cores as
-  contended as in the parallel runs (the slowest rank's median);
+  FLOPs and forward-backward passes, with the cores as contended as in the parallel runs;
 - layouts: the same model and recipe as data parallel (bucketed, course.parallelize), tensor parallel
   (course.parallelize) and 1F1B pipeline parallel (course.parallel.pipeline.PipelineModel), 2 ranks each.
-Every time is the fastest of its repeats (steps after the first, which pays one-time costs, over all
-rounds): on a shared machine interference only adds time, so the fastest is the closest to the
-undisturbed cost, for the samples the fit uses and the runs it predicts alike (medians on this
-machine, loaded by other jobs, varied by 2x between runs).
+Every time is the fastest of its repeats (a step: the slowest rank's time; steps after the first, which
+pays one-time costs, over all rounds): on a shared machine interference only adds time, so the fastest
+is the closest to the undisturbed cost, for the samples the fit uses and the runs it predicts alike
+(medians on this machine, loaded by other jobs, varied by 2x between runs).
 """
 from __future__ import annotations
 
@@ -61,29 +60,25 @@ class Runs:
         return 4.0 * (l * (12 * h * h + 13 * h) + (V + s) * h + 2 * h)
 
 
-def _step_seconds(model, setup: Setup, rank: int = 0, world: int = 1) -> float:
+def _step_seconds(model, setup: Setup, rank: int = 0, world: int = 1) -> list[float]:
+    """This rank's step times after the first; the ranks start every step together (a barrier after
+    each, outside the timed part), so step k of all ranks ran at the same time."""
     cfg = replace(setup.train_config(), eval_interval=10 ** 9)
-    hist = train(model, batch_fn(setup, rank, world), cfg)
+    hist = train(model, batch_fn(setup, rank, world), cfg, hooks=[lambda e, s: e == "after_step" and dist.barrier()])
     local = setup.batch_size // world * setup.block_size  # the tokens train() counts on this rank per step
-    return min(local / tps for tps in hist.tokens_per_s[1:])
+    return [local / tps for tps in hist.tokens_per_s[1:]]
 
 
-def links(r: Runs, comm: Comm, after_compute: bool = False) -> list[tuple]:
-    """(op, bytes, world, seconds) samples: all-reduce over the group, one-way send between ranks 0 and 1.
-    after_compute=False: the fastest of `repeats` back-to-back messages (the link itself). True: each
-    message right after both ranks computed a layer's matmul, as in training, and the mean: then a
-    message also waits for a partner that the machine's scheduler runs late, and a step pays the mean
-    of many such waits."""
+def links(r: Runs, comm: Comm) -> list[tuple]:
+    """(op, bytes, world, seconds) samples: all-reduce over the group, one-way send between ranks 0 and 1
+    (half a round trip); each the fastest of `repeats`."""
     out = []
-    act, w = torch.randn(r.batch_size * r.block_size, r.n_embd), torch.randn(r.n_embd, 4 * r.n_embd)
     for n in r.link_sizes:
         x = torch.zeros(n // 4, dtype=torch.float32)
         for op in ("all_reduce", "send"):
             trips = []
             for _ in range(r.repeats):
                 dist.barrier()
-                if after_compute:
-                    torch.mm(act, w)
                 t = time.perf_counter()
                 if op == "all_reduce":
                     dist.all_reduce(x)
@@ -94,8 +89,7 @@ def links(r: Runs, comm: Comm, after_compute: bool = False) -> list[tuple]:
                     dist.recv(x, 0)
                     dist.send(x, 0)
                 trips.append((time.perf_counter() - t) / (1 if op == "all_reduce" else 2))
-            stat = sum(trips) / len(trips) if after_compute else min(trips)
-            times = torch.tensor([stat], dtype=torch.float64)
+            times = torch.tensor([min(trips)], dtype=torch.float64)
             dist.broadcast(times, 0)  # rank 0's view for everyone
             out.append((op, n, comm.world, times.item()))
     return out
@@ -105,13 +99,13 @@ def links(r: Runs, comm: Comm, after_compute: bool = False) -> list[tuple]:
 def measure(r: Runs) -> dict:
     """Everything the calibration needs, on every rank of a 2-rank group (rank 0's values are the ones used).
     The runs alternate in `rounds` rounds, so a machine whose load changes slows all of them alike; each
-    value is the fastest over rounds of the slowest rank's fastest step."""
+    value is the fastest step (over all rounds) of the slowest rank: the same statistic for the runs the
+    fit uses and the runs it predicts."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != 2:
         raise ValueError(f"measure runs on 2 ranks, got {world}")
     comm = Comm()
-    out = {"runs": r, "links": links(r, comm), "links_in_training": links(r, comm, after_compute=True),
-           "compute": [], "layouts": {}}
+    out = {"runs": r, "links": links(r, comm), "compute": [], "layouts": {}}
     s = r.setup()
     jobs = {("compute", b, k): (build_model(r.setup(b, k)), r.setup(b, k), 0, 1) for b, k in r.compute_runs}
     jobs["DP 2"] = (parallelize(build_model(s), s.plan("bucketed"), comm=Comm()), s, rank, world)
@@ -122,9 +116,9 @@ def measure(r: Runs) -> dict:
     for _ in range(r.rounds):
         for key, (model, setup, rk, w) in jobs.items():
             dist.barrier()
-            t = torch.tensor([_step_seconds(model, setup, rk, w)], dtype=torch.float64)
+            t = torch.tensor(_step_seconds(model, setup, rk, w), dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step lasts until its slowest rank is done
-            seen[key].append(t.item())
+            seen[key] += t.tolist()
     for key, times in seen.items():
         if isinstance(key, tuple):
             out["compute"].append((key[1], key[2], min(times)))

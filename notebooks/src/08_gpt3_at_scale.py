@@ -358,13 +358,12 @@ Markdown(f"In the simulator the verdict of section 5 stands: on 1,024 V100 the s
 #
 # A simulator is only as good as its inputs. Here we fit them on **our own** runs and ask it to predict others.
 # `course.parallel.calibration_runs` (2 CPU ranks, gloo, about half a minute) measures (1) gloo all-reduces and
-# sends of 1 KB to 2 MB, each right after both ranks computed a layer's matmul, as in training, to which we fit
-# α and β (`scale_calibration.fit_alpha_beta`, least squares; and the same back to back, the link alone); (2) the
+# sends of 1 KB to 2 MB, to which we fit α and β (`scale_calibration.fit_alpha_beta`, least squares); (2) the
 # small model trained whole on each rank at once at several batch sizes and micro-batch counts, to which we fit
 # a compute rate in FLOP/s plus a fixed cost per step and per forward–backward pass (`fit_compute`). Then the
 # simulator, given only those numbers, predicts the step time of data-, tensor- and pipeline-parallel training
 # of the same model on 2 ranks, which we measure too. Timings vary from run to run on a shared machine, so this
-# output is not checked; every time is the fastest of its repeats.
+# output is not checked; every time is the fastest of its repeats (for a step: the slowest rank's time).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -373,26 +372,19 @@ lsim.plot_cpu_calibration(cpu)
 plt.tight_layout()
 fit = cpu["fit"]
 for name, (measured, predicted, err) in cpu["layouts"].items():
-    alone = cpu["link_alone"]["layouts"][name][2]
-    print(f"{name}: measured {measured * 1e3:6.1f} ms, simulated {predicted * 1e3:6.1f} ms, error {err:+.0%} "
-          f"(with the links back to back: {alone:+.0%})")
+    print(f"{name}: measured {measured * 1e3:6.1f} ms, simulated {predicted * 1e3:6.1f} ms, error {err:+.0%}")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 errs = {k: v[2] for k, v in cpu["layouts"].items()}
-alone = {k: v[2] for k, v in cpu["link_alone"]["layouts"].items()}
 Markdown(f"Fitted: compute at {fit['rate'] / 1e9:.1f} GFLOP/s per process plus {fit['pass_overhead'] * 1e3:.1f} ms "
-         f"per forward–backward pass and {fit['overhead'] * 1e3:.1f} ms per step; gloo all-reduce as met in training "
+         f"per forward–backward pass and {fit['overhead'] * 1e3:.1f} ms per step; gloo all-reduce "
          f"α = {fit['collective'][0] * 1e6:.0f} µs, β = {fit['collective'][1] / GB:.2f} GB/s, sends "
          f"α = {fit['p2p'][0] * 1e6:.0f} µs, β = {fit['p2p'][1] / GB:.2f} GB/s. Predicted against measured: "
          + ", ".join(f"{k} {e:+.0%}" for k, e in errs.items())
-         + " (the chapter's bound is ±20%, its goal ±10%). With the α of back-to-back messages instead ("
-         + f"{cpu['link_alone']['fit']['collective'][0] * 1e6:.0f} µs): "
-         + ", ".join(f"{k} {e:+.0%}" for k, e in alone.items())
-         + ". The difference is the wait for the partner: a rank that reaches a collective first waits until the "
-         f"other has finished its own compute, which on a shared machine the scheduler may have paused; tensor "
-         f"parallelism, with a collective every half layer, pays it most. On a CPU the 'overlapped' gradient reduce "
-         f"also runs on the cores of the backward it hides behind, which the model does not charge.")
+         + " (the chapter's bound is ±20%, its goal ±10%). What the model leaves out shows most on a busy machine: "
+         "a rank that reaches a collective first waits for the other, which the scheduler may have paused, and "
+         "on a CPU the 'overlapped' gradient reduce runs on the cores of the backward it hides behind.")
 
 # %% [markdown]
 # ## 7. Searching layouts, and a planner to play with
