@@ -116,14 +116,17 @@ def cpu_case(runs, rate: float, collective: tuple, p2p: tuple, layout):
                          name=f"{layout.world} CPU processes, gloo")
 
 
-CPU_LAYOUTS = {"DP 2": dict(dp=2), "TP 2": dict(tp=2), "PP 2": dict(pp=2)}
+CPU_LAYOUTS = {"DP 2": dict(dp=2), "TP 2": dict(tp=2), "PP 2": dict(pp=2), "3D 2x2x2": dict(dp=2, tp=2, pp=2)}
+# how each measured layout reduces its gradients: DataParallel's buckets overlap the backward (DDP's
+# design); the 3D model averages them after the schedule (course.parallel.threed)
+CPU_OVERLAP = {"3D 2x2x2": 0.0}
 
 
 def cpu_layout(runs, name: str, dims: dict = None):
     """scale.Layout of a measured CPU layout (no recomputation, 1F1B with runs.pp_micro_batches)."""
     dims = dims or CPU_LAYOUTS[name]
     dp, pp = dims.get("dp", 1), dims.get("pp", 1)
-    m = runs.pp_micro_batches if pp > 1 else 1
+    m = runs.pp_micro_batches // dp if pp > 1 else 1  # the 3D run: the same micro-batch size as PP 2
     return scale.Layout(dp=dp, tp=dims.get("tp", 1), pp=pp, micro_batch=runs.batch_size // (dp * m), n_micro=m,
                         recompute="none")
 
@@ -146,6 +149,6 @@ def calibrate_cpu(res: dict, layouts: dict | None = None) -> dict:
         lay = cpu_layout(runs, name, dims)
         spec, cl = cpu_case(runs, rate, coll, p2p, lay)
         sim = simulate.simulate(spec, cl, lay, efficiency=1.0, bytes_per_el=4, step_overhead=overhead,
-                                pass_overhead=per_pass, buckets=runs.dp_buckets)
+                                pass_overhead=per_pass, buckets=runs.dp_buckets, overlap_dp=CPU_OVERLAP.get(name, 1.0))
         out["layouts"][name] = (measured, sim.step, sim.step / measured - 1)
     return out

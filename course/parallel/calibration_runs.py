@@ -60,18 +60,20 @@ class Runs:
         return 4.0 * (l * (12 * h * h + 13 * h) + (V + s) * h + 2 * h)
 
 
-def _step_seconds(model, setup: Setup, rank: int = 0, world: int = 1) -> list[float]:
+def _step_seconds(model, setup: Setup, rank: int = 0, world: int = 1, comm=None) -> list[float]:
     """This rank's step times after the first; the ranks start every step together (a barrier after
-    each, outside the timed part), so step k of all ranks ran at the same time."""
+    each, outside the timed part), so step k of all ranks ran at the same time. rank, world: this rank's
+    data-parallel slice of the batch; comm: the loop's (data-parallel) Comm where the model needs one."""
     cfg = replace(setup.train_config(), eval_interval=10 ** 9)
-    hist = train(model, batch_fn(setup, rank, world), cfg, hooks=[lambda e, s: e == "after_step" and dist.barrier()])
+    hist = train(model, batch_fn(setup, rank, world), cfg, comm=comm,
+                 hooks=[lambda e, s: e == "after_step" and dist.barrier()])
     local = setup.batch_size // world * setup.block_size  # the tokens train() counts on this rank per step
     return [local / tps for tps in hist.tokens_per_s[1:]]
 
 
 def links(r: Runs, comm: Comm) -> list[tuple]:
-    """(op, bytes, world, seconds) samples: all-reduce over the group, one-way send between ranks 0 and 1
-    (half a round trip); each the fastest of `repeats`."""
+    """(op, bytes, world, seconds) samples on `comm`'s group of 2 (every such group at once, as in the
+    runs): all-reduce, and one-way send (half a round trip); each the fastest of `repeats`, rank 0's view."""
     out = []
     for n in r.link_sizes:
         x = torch.zeros(n // 4, dtype=torch.float32)
@@ -81,13 +83,13 @@ def links(r: Runs, comm: Comm) -> list[tuple]:
                 dist.barrier()
                 t = time.perf_counter()
                 if op == "all_reduce":
-                    dist.all_reduce(x)
+                    comm.all_reduce(x)
                 elif comm.rank == 0:
-                    dist.send(x, 1)
-                    dist.recv(x, 1)
+                    comm.send(x, 1)
+                    comm.recv(x, 1)
                 else:
-                    dist.recv(x, 0)
-                    dist.send(x, 0)
+                    comm.recv(x, 0)
+                    comm.send(x, 0)
                 trips.append((time.perf_counter() - t) / (1 if op == "all_reduce" else 2))
             times = torch.tensor([min(trips)], dtype=torch.float64)
             dist.broadcast(times, 0)  # rank 0's view for everyone
@@ -96,27 +98,37 @@ def links(r: Runs, comm: Comm) -> list[tuple]:
 
 
 
-def measure(r: Runs) -> dict:
-    """Everything the calibration needs, on every rank of a 2-rank group (rank 0's values are the ones used).
+def measure(r: Runs, three_d: bool = False) -> dict:
+    """Everything the calibration needs, on every rank (rank 0's values are the ones used): on 2 ranks
+    the DP, TP and PP layouts; three_d=True on 8 ranks the 2 x 2 x 2 layout of course.parallel.threed
+    (Plan(pipeline=...)), with the links measured on its tensor pairs, all four at once.
     The runs alternate in `rounds` rounds, so a machine whose load changes slows all of them alike; each
     value is the fastest step (over all rounds) of the slowest rank: the same statistic for the runs the
     fit uses and the runs it predicts."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world != 2:
-        raise ValueError(f"measure runs on 2 ranks, got {world}")
-    comm = Comm()
-    out = {"runs": r, "links": links(r, comm), "compute": [], "layouts": {}}
+    if world != (8 if three_d else 2):
+        raise ValueError(f"measure runs on {8 if three_d else 2} ranks (three_d={three_d}), got {world}")
     s = r.setup()
     jobs = {("compute", b, k): (build_model(r.setup(b, k)), r.setup(b, k), 0, 1) for b, k in r.compute_runs}
-    jobs["DP 2"] = (parallelize(build_model(s), s.plan("bucketed"), comm=Comm()), s, rank, world)
-    jobs["TP 2"] = (parallelize(build_model(s), Plan(tensor_parallel=True), mesh=Mesh(tensor=world)), s, 0, 1)
-    jobs["PP 2"] = (PipelineModel(build_model(s), make("1f1b", world, r.pp_micro_batches),
-                                  Mesh(pipeline=world).comm("pipeline")), s, 0, 1)
+    if three_d:
+        from .threed import make_mesh
+        mesh = make_mesh(2, 2, 2, gpus_per_node=4)
+        pair = mesh.comm("tensor")
+        plan = Plan(tensor_parallel=True, pipeline="1f1b", micro_batches=r.pp_micro_batches // 2)
+        jobs["3D 2x2x2"] = (parallelize(build_model(s), plan, mesh=mesh), s, mesh.coords(rank)["data"], 2)
+    else:
+        pair = Comm()
+        jobs["DP 2"] = (parallelize(build_model(s), s.plan("bucketed"), comm=Comm()), s, rank, world)
+        jobs["TP 2"] = (parallelize(build_model(s), Plan(tensor_parallel=True), mesh=Mesh(tensor=world)), s, 0, 1)
+        jobs["PP 2"] = (PipelineModel(build_model(s), make("1f1b", world, r.pp_micro_batches),
+                                      Mesh(pipeline=world).comm("pipeline")), s, 0, 1)
+    out = {"runs": r, "links": links(r, pair), "compute": [], "layouts": {}}
     seen = {k: [] for k in jobs}
     for _ in range(r.rounds):
         for key, (model, setup, rk, w) in jobs.items():
             dist.barrier()
-            t = torch.tensor(_step_seconds(model, setup, rk, w), dtype=torch.float64)
+            comm = getattr(model, "dp", None)
+            t = torch.tensor(_step_seconds(model, setup, rk, w, comm), dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step lasts until its slowest rank is done
             seen[key] += t.tolist()
     for key, times in seen.items():
