@@ -149,6 +149,7 @@ def calibrate_cpu(res: dict, layouts: dict | None = None) -> dict:
         lay = cpu_layout(runs, name, dims)
         spec, cl = cpu_case(runs, rate, coll, p2p, lay)
         sim = simulate.simulate(spec, cl, lay, efficiency=1.0, bytes_per_el=4, step_overhead=overhead,
-                                pass_overhead=per_pass, buckets=runs.dp_buckets, overlap_dp=CPU_OVERLAP.get(name, 1.0))
+                                pass_overhead=per_pass, buckets=runs.dp_buckets, overlap_dp=CPU_OVERLAP.get(name, 1.0),
+                                scatter_gather=False)  # our pipeline sends whole activations from every tensor rank
         out["layouts"][name] = (measured, sim.step, sim.step / measured - 1)
     return out

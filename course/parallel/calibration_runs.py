@@ -3,14 +3,16 @@
     res = launch.run(measure, 2, Runs(), timeout=300).values[0]
     course.scale_calibration.calibrate_cpu(res)    # fit on res["links"] and res["compute"],
                                                     # predict res["layouts"] (never fitted on them)
+    python -m course.parallel.calibration_runs [--3d]   # the same from a shell; --3d: 2 x 2 x 2 on 8 ranks
 
 One launch of 2 ranks measures, with the same threads per process throughout:
-- links: gloo all-reduces and one-way sends (ping-pong / 2) of several sizes (median of `repeats`);
+- links: gloo all-reduces and one-way sends (ping-pong / 2) of several sizes;
 - compute: the whole model trained by `course.train.train` on every rank at once, independently (no
   communication), at several batch sizes and numbers of micro-batches: the step time against the step's
   FLOPs and forward-backward passes, with the cores as contended as in the parallel runs;
 - layouts: the same model and recipe as data parallel (bucketed, course.parallelize), tensor parallel
-  (course.parallelize) and 1F1B pipeline parallel (course.parallel.pipeline.PipelineModel), 2 ranks each.
+  (course.parallelize) and 1F1B pipeline parallel (course.parallel.pipeline.PipelineModel), 2 ranks each;
+  with three_d, on 8 ranks, course.parallel.threed's data x pipeline x tensor = 2 x 2 x 2 instead.
 Every time is the fastest of its repeats (a step: the slowest rank's time; steps after the first, which
 pays one-time costs, over all rounds): on a shared machine interference only adds time, so the fastest
 is the closest to the undisturbed cost, for the samples the fit uses and the runs it predicts alike
@@ -137,3 +139,23 @@ def measure(r: Runs, three_d: bool = False) -> dict:
         else:
             out["layouts"][key] = min(times)
     return out
+
+
+def main(argv=None):
+    """Measure, fit and predict; print one JSON line: the fit and (measured s, predicted s, error) per layout."""
+    import argparse
+    import json
+
+    from .. import scale_calibration
+    from . import launch
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--3d", dest="three_d", action="store_true", help="the 2 x 2 x 2 layout on 8 ranks")
+    ap.add_argument("--rounds", type=int, default=Runs.rounds)
+    args = ap.parse_args(argv)
+    res = launch.run(measure, 8 if args.three_d else 2, Runs(rounds=args.rounds), args.three_d, timeout=900).values[0]
+    out = scale_calibration.calibrate_cpu(res)
+    print(json.dumps({"fit": out["fit"], "layouts": out["layouts"]}))
+
+
+if __name__ == "__main__":
+    main()
