@@ -146,7 +146,7 @@ def test_calibrate_cpu_predicts_synthetic_runs_exactly():
         spec, cl = cal.cpu_case(r, rate, coll, p2p, lay)
         layouts[name] = simulate.simulate(spec, cl, lay, efficiency=1.0, bytes_per_el=4, step_overhead=over,
                                           pass_overhead=per_pass, buckets=r.dp_buckets,
-                                          overlap_dp=cal.CPU_OVERLAP.get(name, 1.0)).step
+                                          overlap_dp=cal.CPU_OVERLAP.get(name, 1.0), scatter_gather=False).step
     out = cal.calibrate_cpu({"runs": r, "links": links, "compute": comp, "layouts": layouts})
     assert all(abs(err) < 1e-9 for _, _, err in out["layouts"].values())
 
