@@ -440,6 +440,8 @@ Markdown(f"In the simulator the verdict of section 5 stands: on 1,024 V100 the s
 # simulator, given only those numbers, predicts the step time of data-, tensor- and pipeline-parallel training
 # of the same model on 2 ranks, which we measure too. Timings vary from run to run on a shared machine, so this
 # output is not checked; every time is the fastest of its repeats (for a step: the slowest rank's time).
+# `python -m course.parallel.calibration_runs --3d` does the same for section 1b's 2 × 2 × 2 layout on 8
+# processes (a few minutes on 2 cores, so not here).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
