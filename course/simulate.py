@@ -17,18 +17,20 @@ same time, so one rank per stage stands for them all):
   waits for it (the IR's semantics: sends asynchronous, receives blocking);
 - the data-parallel gradient reduce, bucketed: a chunk's gradients become ready bucket by bucket
   during its last backward (ZeRO-2: during every backward) and go out in order on the data link while
-  compute goes on (PyTorch DDP's bucketing, Li et al. 2020 §3.2.3); ZeRO-1 all-gathers the updated
+  compute goes on (PyTorch DDP's bucketing, Li et al. 2020 §3.2); ZeRO-1 all-gathers the updated
   parameters after the step; ZeRO-3 gathers each chunk's weights during the action that needs them
   (prefetched) and reduce-scatters during backward; an action waits for its gathers.
 Links follow the α–β model (Hockney 1994): a message of n bytes takes α + n/β; a ring collective
 takes steps·α + (bytes one rank sends)/β (Thakur, Rabenseifner & Gropp 2005, §2; `costs.collective_seconds`).
 
-Agreement with `course.scale.plan` (tests/test_simulate.py): with no pipeline link cost and the data
-reduce as one bucket that starts with the last backward, the planner's compute × (1 + bubble) +
-exposed reduce is this timeline's length exactly (the bubble (p-1)/(v·m) is what the IR's 1F1B and
-interleaved schedules produce with equal stages); the planner counts every pipeline hop of the
-critical path as exposed, 2(v·m + p - 1) hops, an upper bound of the simulated wait; buckets add
-one bucket's delay and (buckets - 1) extra latencies.
+Agreement with `course.scale.plan` (tests/test_simulate.py): with free pipeline hops and no data
+parallelism, the planner's (compute + tensor + context)(1 + bubble) is this timeline's length to rounding
+(the IR's 1F1B, GPipe and interleaved schedules with equal stages have exactly Megatron's bubble
+(p-1)/(v·m)). The planner counts all 2(v·m + p - 1) hops of the critical path as exposed, an upper bound
+of the simulated wait. It hides the reduce behind the whole last backward from its start; here bucket k
+of n is ready (k+1)/n of the way through, each bucket pays its own ring latencies and the last leaves
+no earlier than the backward ends: the two differ by at most one bucket's share of the backward,
+(n - 1) extra latencies and one bucket's time.
 """
 from __future__ import annotations
 
