@@ -136,6 +136,7 @@ TERMS: tuple[Term, ...] = (
     _t("device mesh", "设备网格", "08", "The ranks laid out as a grid with one named dimension per kind of parallelism."),
     _t("interconnect bandwidth", "互连带宽", "08", "Bytes per second between devices: NVLink inside a node, InfiniBand between nodes."),
     _t("scaling laws", "缩放定律 (规模定律)", "08", "Power laws relating loss to parameters, data and compute (Kaplan et al. 2020; Hoffmann et al. 2022)."),
+    _t("alpha-beta model", "α-β 模型 (延迟-带宽模型)", "08", "A message of n bytes takes α + n/β: a latency plus the bytes over the bandwidth (Hockney 1994)."),
     # 09 stability, throughput, fault tolerance
     _t("learning-rate warmup", "学习率预热", "09", "Raising the learning rate linearly from near zero over the first steps.", "warmup"),
     _t("cosine learning-rate decay", "余弦学习率衰减", "09", "Lowering the learning rate along half a cosine to a minimum at the end of training.", "cosine"),
