@@ -16,14 +16,17 @@
 # to train. It has one free parameter, the fraction of peak FLOP/s the matrix multiplies reach, and we
 # fit it on **one** published run and check the planner against the others.
 #
-# What you will see: (1) the published numbers the planner reproduces; (2) GPT-3's memory per GPU
-# under several layouts; (3) why tensor parallelism stops at 8 (a node); (4) the story's layout against
-# the standard one, with numbers; (5) the calibration against Megatron-LM's measured throughput;
-# (6) scaling curves and strong scaling; (7) a layout search and a planner widget.
+# What you will see: (0) first, a real 3D-parallel run (data × pipeline × tensor = 2 × 2 × 2 on 8 CPU
+# processes), equal to one process; (1) the published numbers the planner reproduces; (2) the
+# calibration on one published run; (3) GPT-3's memory per GPU under several layouts; (4) why tensor
+# parallelism stops at 8 (a node); (5) the story's layout against the standard one, with numbers;
+# (6) scaling curves and strong scaling; (6b) one iteration simulated as events and drawn, and the
+# simulator calibrated on our own CPU runs; (7) a layout search and a planner widget.
 #
-# The library: `course/scale.py` (the planner), `course/scale_presets.py` (models, GPUs, nodes and
-# published results, each with its source), `course/scale_calibration.py`, `course/lessons/scale.py`
-# (this lesson's figures).
+# The library: `course/parallel/threed.py` (the 3D run), `course/scale.py` (the planner),
+# `course/scale_presets.py` (models, GPUs, nodes and published results, each with its source),
+# `course/scale_calibration.py`, `course/simulate.py` (the step-time simulator), `course/lessons/scale.py`,
+# `course/lessons/threed.py` and `course/lessons/simulate.py` (this lesson's figures).
 
 # %%
 import matplotlib.pyplot as plt
@@ -46,7 +49,7 @@ for cl in (a100, v100):
           f"{cl.inter_bw / GB:.2f} GB/s per GPU each way")
 
 # %% [markdown]
-# ## 1b. A 3D-parallel run on 8 CPU ranks
+# ## 0. First, for real: a 3D-parallel run on 8 CPU ranks
 #
 # Before planning a thousand GPUs, the composition itself, for real: the course's transformer trained
 # with data × pipeline × tensor parallelism = 2 × 2 × 2 on 8 CPU processes (gloo), by the one loop
@@ -440,7 +443,7 @@ Markdown(f"In the simulator the verdict of section 5 stands: on 1,024 V100 the s
 # simulator, given only those numbers, predicts the step time of data-, tensor- and pipeline-parallel training
 # of the same model on 2 ranks, which we measure too. Timings vary from run to run on a shared machine, so this
 # output is not checked; every time is the fastest of its repeats (for a step: the slowest rank's time).
-# `python -m course.parallel.calibration_runs --3d` does the same for section 1b's 2 × 2 × 2 layout on 8
+# `python -m course.parallel.calibration_runs --3d` does the same for section 0's 2 × 2 × 2 layout on 8
 # processes (a few minutes on 2 cores, so not here).
 
 # %%
