@@ -123,7 +123,7 @@ def worker(directory: str, spec: Spec, kills: list[str]) -> None:
 
 def run_with_kills(directory, spec: Spec, kills: list[str], timeout: float = 120.0) -> dict:
     """Start attempts until one finishes. Returns {"attempts": [{"returncode", "signal", "resumed_from": the
-    step it resumed at or None}], "history",
+    step it resumed at or None, "files": the directory after it}], "history",
     "params"} read from the last checkpoint (the one of the final step)."""
     for k in kills:
         parse_kill(k)
@@ -136,7 +136,8 @@ def run_with_kills(directory, spec: Spec, kills: list[str], timeout: float = 120
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         first = proc.stdout.strip().splitlines()[:1]
         attempts.append({"returncode": proc.returncode, "signal": -proc.returncode if proc.returncode < 0 else None,
-                         "resumed_from": json.loads(first[0])["resumed_from"] if first else None})
+                         "resumed_from": json.loads(first[0])["resumed_from"] if first else None,
+                         "files": sorted(p.name for p in directory.iterdir())})
         if proc.returncode == 0:
             break
         if proc.returncode != -signal.SIGKILL:
