@@ -15,6 +15,8 @@ in the same order: the rank-kill run's final parameters equal the uninterrupted 
 from __future__ import annotations
 
 import argparse
+import datetime
+import faulthandler
 import json
 import os
 import signal
@@ -81,23 +83,35 @@ def full(state):
 
 
 def reshard_save(path: str, job: Job) -> dict:
-    """Train job.every steps under FSDP2 on this world, save with DCP; return the whole state (gathered)."""
+    """Train job.every steps under FSDP2 on this world and save the same state three ways into
+    path/{sync,ours,torch}: dcp.save, AsyncSaver, dcp.async_save. Returns the whole state (gathered)."""
     model = _model(job, Plan(shard="fsdp2"))
     opt = make_optimizer(model, _cfg(job))
     batch, _ = _data(job, dist.get_rank())
     train(model, batch, _cfg(job, job.every), optimizer=opt)
-    dcp.save(path, model, opt, job.every)
+    root = Path(path)
+    dcp.save(root / "sync", model, opt, job.every)
+    saver = dcp.AsyncSaver()
+    saver.save(root / "ours", model, opt, job.every)
+    saver.wait()
+    group = dist.new_group(backend="gloo")
+    dcp.torch_async_save(root / "torch", model, opt, job.every, group).result()
+    dcp.publish(root / "torch", group)
     local = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
     return {"state": full(dcp.training_state(model, opt, job.every)), "local_shapes": local}
 
 
-def reshard_load(path: str, job: Job) -> dict:
-    """Fresh FSDP2 model (other initial weights) on this world, filled from `path`; the whole state."""
-    model = _model(job, Plan(shard="fsdp2"), seed=job.seed + 7)
-    opt = make_optimizer(model, _cfg(job))
-    step = dcp.load(path, model, opt)
+def reshard_load(path: str, job: Job, names=("sync", "ours", "torch")) -> dict:
+    """For each saved copy: a fresh FSDP2 model (other initial weights) on this world, filled from it;
+    {name: whole state}, and this rank's parameter shard shapes."""
+    out = {}
+    for name in names:
+        model = _model(job, Plan(shard="fsdp2"), seed=job.seed + 7)
+        opt = make_optimizer(model, _cfg(job))
+        step = dcp.load(Path(path) / name, model, opt)
+        out[name] = full(dcp.training_state(model, opt, step))
     local = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
-    return {"state": full(dcp.training_state(model, opt, step)), "local_shapes": local}
+    return {"states": out, "local_shapes": local}
 
 
 def save_timing(path: str, job: Job, repeats: int = 3) -> dict:
@@ -156,13 +170,31 @@ def elastic_train(directory: str, job: Job) -> dict:
     return result
 
 
+def init_attempt(timeout: float = 120.0) -> None:
+    """Join torchrun's process group with keys of THIS attempt. torch 2.13's torchrun shares its
+    rendezvous TCPStore with the workers (TORCHELASTIC_USE_AGENT_STORE) and keeps it across restarts, so a
+    restarted group's gloo ranks read the dead attempt's addresses and fail to connect ("Connection
+    refused" to the killed rank's old port); a prefix per restart (TORCHELASTIC_RESTART_COUNT) avoids it."""
+    if dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        launch.init(timeout)
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    attempt = dist.PrefixStore(f"course-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(launch.backend(), store=attempt, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=datetime.timedelta(seconds=timeout))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="data-parallel training in which one rank dies once")
     parser.add_argument("directory")
     parser.add_argument("--job", default="{}", help="JSON of Job fields")
     args = parser.parse_args(argv)
     job = Job(**json.loads(args.job))
-    launch.main(elastic_train, args.directory, job, nproc=2)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints where a rank waits
+    if launch.under_torchrun():
+        init_attempt()
+    launch.main(elastic_train, args.directory, job, nproc=2, timeout=120)
 
 
 if __name__ == "__main__":
