@@ -18,11 +18,11 @@ torch.distributed.checkpoint" and the tutorial "Getting Started with Distributed
   `<path>` once every rank has written (dcp.save returns after the metadata is written), then all meet.
 
 Asynchronous saving (the PyTorch recipe "Asynchronous Saving with Distributed Checkpoint"; CheckFreq,
-Mohan et al. FAST 2021, section 4.2, splits a checkpoint the same way into a snapshot() that the next
-update must wait for and a persist() that overlaps training): the training step is blocked only while
-the state is copied ("staged") into CPU memory; writing the copy runs in a background thread. Its
-collectives (planning, the metadata) run over a separate gloo process group so they never interleave
-with the training's. `AsyncSaver` is that, written out; `torch_async_save` calls `dcp.async_save`.
+Mohan, Phanishayee and Chidambaram, FAST 2021, section 4.3, splits a checkpoint the same way into a
+snapshot() that the next update must wait for and a persist() that overlaps training): the training
+step is blocked only while the state is copied ("staged") into CPU memory; writing the copy runs in a
+background thread. Its collectives (planning, the metadata) run over a separate gloo process group so
+they never interleave with the training's. `AsyncSaver` is that, written out; `torch_async_save` calls `dcp.async_save`.
 """
 from __future__ import annotations
 
