@@ -3,7 +3,9 @@
     spec = Spec()                                         # a small GPT on the offline text, with dropout
     straight = run_straight(spec)                         # in this process, never interrupted
     out = run_with_kills(tmp, spec, ["step@5", "write@12", "rename@16"])   # SIGKILLed three times
-    plot_resume(straight, out)                            # the two loss curves, kills marked
+    plot_resume(straight, out, kills)                     # the two loss curves, kills marked
+    rk = rank_kill(tmp2)                                  # torchrun, one rank SIGKILLed, group restarted
+    plot_save_times(save_times(tmp3))                     # blocked time: sync vs async distributed saves
 
 `run_with_kills` starts `python -m course.lessons.fault_tolerance DIR SPEC KILLS` again and again until
 it finishes: each attempt resumes from the newest valid checkpoint in DIR and arms the first kill not yet
@@ -154,6 +156,71 @@ def same_run(a: dict, b: dict) -> bool:
     return (ha.steps == hb.steps and ha.train_loss == hb.train_loss and ha.val_loss == hb.val_loss
             and a["params"].keys() == b["params"].keys()
             and all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"]))
+
+
+def plot_resume(straight: dict, resumed: dict, kills: list[str], ax=None):
+    """Training loss of the uninterrupted run (line) and of the killed-and-resumed one (dots); a dashed
+    line at each kill, labelled with its kind."""
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(7, 3.5))[1]
+    a, b = straight["history"], resumed["history"]
+    ax.plot(a.steps, a.train_loss, lw=2, color="tab:blue", label="uninterrupted")
+    ax.plot(b.steps, b.train_loss, "o", ms=4, color="tab:orange", label="killed 3 times, resumed")
+    for i, k in enumerate(kills):
+        kind, step = parse_kill(k)
+        at = step if kind == "step" else step - 0.5  # a checkpoint of step N is written after step N - 1
+        ax.axvline(at, ls="--", color="gray", lw=1)
+        ax.text(at, max(a.train_loss), f" SIGKILL\n {k}", fontsize=7, va="top", color="dimgray")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    return ax
+
+
+def rank_kill(directory, job=None, timeout: float = 400.0) -> dict:
+    """torchrun --max-restarts=1 with one rank SIGKILLed mid-step (course.parallel.fault_experiments), and
+    the same job nobody kills (launch.run): {"killed", "straight", "equal", "seconds"}."""
+    import time
+    from dataclasses import replace
+    from ..parallel import fault_experiments as fe, launch
+    job = job or fe.Job()
+    directory = Path(directory)
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           "-m", "course.parallel.fault_experiments", str(directory / "killed"), "--job", json.dumps(asdict(job))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun failed (exit code {proc.returncode}):\n{proc.stderr[-3000:]}")
+    seconds = time.perf_counter() - t0
+    killed = torch.load(directory / "killed" / "result.pt", weights_only=True)
+    straight = launch.run(fe.elastic_train, 2, str(directory / "straight"), replace(job, kill_step=-1),
+                          timeout=timeout, threads=1).values[0]
+    equal = (killed["train_loss"] == straight["train_loss"]
+             and all(torch.equal(killed["params"][k], straight["params"][k]) for k in straight["params"]))
+    return {"killed": killed, "straight": straight, "equal": equal, "seconds": seconds, "job": job}
+
+
+def save_times(directory, n_embd: int = 128, repeats: int = 3) -> dict:
+    """Seconds a save blocks training on 2 ranks: synchronous DCP, AsyncSaver, dcp.async_save (rank 0)."""
+    from ..parallel import fault_experiments as fe, launch
+    job = fe.Job(n_embd=n_embd, n_layer=2, vocab_size=256, block_size=64)
+    return launch.run(fe.save_timing, 2, str(directory), job, repeats, timeout=400, threads=1).values[0]
+
+
+def plot_save_times(t: dict, ax=None):
+    """Bars: how long the training loop waits per save, beside one training step."""
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(6, 3))[1]
+    names = ["synchronous\ndcp.save", "AsyncSaver\n(stage + thread)", "dcp.async_save", "one training\nstep"]
+    values = [1e3 * t[k] for k in ("sync_blocked_s", "ours_blocked_s", "torch_blocked_s", "step_s")]
+    ax.bar(names, values, color=["tab:red", "tab:green", "tab:olive", "tab:gray"])
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("training blocked per save (ms)")
+    ax.set_title(f"{t['params']:,} parameters + AdamW state, 2 gloo ranks", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return ax
 
 
 if __name__ == "__main__":
