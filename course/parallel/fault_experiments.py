@@ -67,7 +67,8 @@ def _data(job: Job, rank: int):
 
 
 def _cfg(job: Job, steps=None):
-    return TrainConfig(max_steps=steps or job.steps, lr=3e-3, warmup_steps=2, eval_interval=1000, eval_iters=1,
+    steps = steps or job.steps
+    return TrainConfig(max_steps=steps, lr=3e-3, warmup_steps=min(2, steps), eval_interval=1000, eval_iters=1,
                        seed=job.seed, progress=False)
 
 
