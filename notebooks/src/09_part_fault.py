@@ -42,7 +42,8 @@ kills = ["step@5", "write@12", "rename@16"]
 straight = ft.run_straight(spec)  # in this process, never interrupted
 run_dir = Path(tempfile.mkdtemp(prefix="course-ckpt-"))
 resumed = ft.run_with_kills(run_dir, spec, kills)  # a subprocess, started again after each SIGKILL
-assert [a["returncode"] for a in resumed["attempts"]] == [-9, -9, -9, 0]
+assert [a["returncode"] for a in resumed["attempts"]] == [-9, -9, -9, 0]  # -9: killed by SIGKILL
+assert [a["resumed_from"] for a in resumed["attempts"]] == [None, 4, 8, 12]  # 12's write never got its name
 assert ft.same_run(resumed, straight), "the resumed run differs from the uninterrupted one"
 ft.plot_resume(straight, resumed, kills);
 
@@ -50,9 +51,11 @@ ft.plot_resume(straight, resumed, kills);
 starts = ", ".join("a fresh start" if a["resumed_from"] is None else f"step {a['resumed_from']}"
                    for a in resumed["attempts"])
 n_params = sum(p.numel() for p in straight["params"].values())
+after_write = resumed["attempts"][2]["resumed_from"]
 display(Markdown(
     f"{len(resumed['attempts'])} attempts started from {starts}. The kill during the write of step 12 left "
-    f"only a temporary file, so the next attempt resumed from step 8 and trained steps 8-11 again. All "
+    f"only a temporary file, so the next attempt resumed from step {after_write} and trained steps "
+    f"{after_write}-11 again. All "
     f"{len(straight['history'].train_loss)} training losses, the {len(straight['history'].val_loss)} validation "
     f"losses and all {n_params:,} parameters are identical to the uninterrupted run's (`==` and `torch.equal`)."))
 
@@ -134,5 +137,5 @@ display(Markdown(
     f"{1e3 * times['torch_blocked_s']:.0f} ms (`dcp.async_save`), "
     f"{times['sync_blocked_s'] / times['ours_blocked_s']:.1f}x and "
     f"{times['sync_blocked_s'] / times['torch_blocked_s']:.1f}x less. On this CPU the background write also "
-    f"competes with training for the same cores, which a measured training step beside the save shows: "
+    f"competes with training for the same cores: one training step run while AsyncSaver wrote took "
     f"{1e3 * times['step_s']:.0f} ms."))
