@@ -212,7 +212,7 @@ def plot_save_times(t: dict, ax=None):
     """Bars: how long the training loop waits per save, beside one training step."""
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(6, 3))[1]
-    names = ["synchronous\ndcp.save", "AsyncSaver\n(stage + thread)", "dcp.async_save", "one training\nstep"]
+    names = ["synchronous\ndcp.save", "AsyncSaver\n(stage + thread)", "dcp.async_save", "one step, while\nAsyncSaver writes"]
     values = [1e3 * t[k] for k in ("sync_blocked_s", "ours_blocked_s", "torch_blocked_s", "step_s")]
     ax.bar(names, values, color=["tab:red", "tab:green", "tab:olive", "tab:gray"])
     for i, v in enumerate(values):
