@@ -24,11 +24,13 @@ def straight():
 
 
 def test_killed_mid_step_mid_write_and_before_rename_resumes_bit_for_bit(straight, tmp_path):
-    out = ft.run_with_kills(tmp_path, SPEC, ["step@5", "write@12", "rename@16"])
+    late = random.Random(15).randrange(17, SPEC.steps)  # and once more at a step drawn at random after those
+    out = ft.run_with_kills(tmp_path, SPEC, ["step@5", "write@12", "rename@16", f"step@{late}"])
     codes = [a["returncode"] for a in out["attempts"]]
-    assert codes == [-9, -9, -9, 0], out["attempts"]
-    # where each attempt started: fresh; the checkpoint of step 4; 8 (12's write was killed); 12 (16's rename)
-    assert [a["resumed_from"] for a in out["attempts"]] == [None, 4, 8, 12]
+    assert codes == [-9, -9, -9, -9, 0], out["attempts"]
+    # where each attempt started: fresh; the checkpoint of step 4; 8 (12's write was killed); 12 (16's rename);
+    # then the newest checkpoint before the random kill
+    assert [a["resumed_from"] for a in out["attempts"]] == [None, 4, 8, 12, late // SPEC.every * SPEC.every]
     after_write, after_rename = out["attempts"][1]["files"], out["attempts"][2]["files"]
     assert "step-00000012.ckpt" not in after_write and any(f.startswith(".step-00000012.ckpt.tmp-") for f in after_write)
     assert "step-00000016.ckpt" not in after_rename and any(f.startswith(".step-00000016.ckpt.tmp-") for f in after_rename)
