@@ -9,8 +9,8 @@ averages its gradients by the end of `loss.backward()` and offers `no_sync()` fo
 DistributedDataParallel and FSDP do), and builds its optimizer over whatever `model.parameters()`
 are (ZeRO's shards included). The loop only asks the model for three optional things:
 `no_sync()` (or FSDP2's `set_requires_gradient_sync`), `clip_grad_norm_(max_norm)` (sharded models
-sum their shards' squares across ranks) and, for the metrics, `flops_per_token` (looked up through
-wrappers' `.module`). Pass `comm` (a course.parallel.comm.Comm over the data-parallel ranks) to log
+sum their shards' squares across ranks), `make_optimizer(cfg)` when it must build its own (a 3D
+model's ZeRO-1) and, for the metrics, `flops_per_token` (looked up through wrappers' `.module`). Pass `comm` (a course.parallel.comm.Comm over the data-parallel ranks) to log
 the loss averaged over them.
 
 Everything a lesson needs to see is measured here and kept in a `History`: train and validation
@@ -254,7 +254,9 @@ def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainCo
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     torch.manual_seed(cfg.seed)
     device = _model_device(model)
-    opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
+    if optimizer is None:  # a model may bring its own (a 3D model's ZeRO-1 over its data ranks)
+        optimizer = model.make_optimizer(cfg) if hasattr(model, "make_optimizer") else make_optimizer(model, cfg)
+    opt = optimizer
     hist, first = History(label=label), 0
     if resume is not None and (found := resume(model, opt)) is not None:
         first, hist = found  # model, optimizer, generators and data position restored by resume

@@ -46,6 +46,82 @@ for cl in (a100, v100):
           f"{cl.inter_bw / GB:.2f} GB/s per GPU each way")
 
 # %% [markdown]
+# ## 1b. A 3D-parallel run on 8 CPU ranks
+#
+# Before planning a thousand GPUs, the composition itself, for real: the course's transformer trained
+# with data × pipeline × tensor parallelism = 2 × 2 × 2 on 8 CPU processes (gloo), by the one loop
+# (`course.train.train`). `parallelize` applies the techniques in its fixed order: tensor parallelism
+# (chapter 06) splits every matrix over the 2 ranks of a tensor group, recomputation wraps the blocks,
+# the model is cut into 2 pipeline stages run by 1F1B with 2 micro-batches (chapter 07), and the
+# gradients are averaged over the 2 data-parallel replicas, optionally with ZeRO-1 (PyTorch's
+# `ZeroRedundancyOptimizer`: each replica keeps the AdamW state of half the parameters). The code is
+# `course/parallel/threed.py`:
+#
+# ```python
+# mesh = make_mesh(dp=2, pp=2, tp=2, gpus_per_node=4)        # Mesh(pipeline=2, data=2, tensor=2)
+# plan = Plan(tensor_parallel=True, pipeline="1f1b", micro_batches=2, recompute="full", shard="zero1")
+# hist = train(parallelize(Transformer(cfg), plan, mesh=mesh), batch_fn, cfg, comm=mesh.comm("data"))
+# ```
+#
+# The ranks are numbered as Megatron-LM numbers them: tensor fastest, then data, then pipeline. torchrun
+# numbers ranks node by node, so with 4 ranks per node every tensor group, which communicates inside every
+# layer, stays inside a node, and the pipeline groups, which pass one activation per micro-batch, cross
+# between nodes: the placement Narayanan et al. (2021, §3.2, takeaway #1) recommend, tensor parallelism
+# up to the GPUs of a server and pipeline parallelism across servers.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from course.lessons import threed as l3
+
+values = l3.run_lesson()  # 8 spawned processes, two cases: plain, and recomputation + ZeRO-1
+rows = l3.summary_rows(values)
+l3.draw_grid(values[0][0], gpus_per_node=4)
+plt.show()
+
+# %% [markdown]
+# Each panel is the same 8 ranks laid out as 2 nodes × 4 GPUs; cells of one colour form one group of
+# that dimension, and the cell text is the rank's (pipeline, data, tensor) coordinates. Left: the tensor
+# pairs never leave a node. Right: each pipeline pair has one rank on each node.
+#
+# The clipping norm needs care in 3D. It must be the norm of the *one model's* gradient, but copies of
+# some parameters live on several ranks: a LayerNorm or a row-parallel bias is whole on both tensor ranks,
+# the head on the last stage holds a copy of the tied embedding of stage 0, and the two data-parallel
+# replicas hold the same averaged gradient. `ThreeDModel.clip_grad_norm_` counts each once (Megatron-LM's
+# gradient clipping does the same bookkeeping); the run also records what summing every rank's squares
+# would give.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+plain, zero = rows
+for r in rows:  # float64: only the order of sums changes; the bound's reason is in tests/test_threed.py
+    assert r["param_diff"] < 1e-11 and r["loss_diff"] < 1e-11 and r["norm_rel_diff"] < 1e-11
+    assert all(w > 1.5 * n for w, n in zip(r["every_copy_norm"], r["ref_norm"]))
+assert zero["optimizer"] == "ZeroRedundancyOptimizer" and zero["policies"] == ["full"]
+assert 2 * zero["opt_state"] == plain["opt_state"]
+Markdown(f"After {len(plain['ref_norm'])} AdamW steps every parameter on every rank equals the one-process model's "
+         f"to **{max(r['param_diff'] for r in rows):.1e}** (float64), without and with recomputation + ZeRO-1, and "
+         f"the losses to {max(r['loss_diff'] for r in rows):.1e}. The gradient norm clipping uses is one process's, "
+         f"{plain['ref_norm'][0]:.4f} at the first step; summing every rank's copies would give "
+         f"{plain['every_copy_norm'][0]:.4f}, {plain['every_copy_norm'][0] / plain['ref_norm'][0]:.2f}× too large, and "
+         f"clip by the wrong factor. With ZeRO-1 the 8 ranks hold {zero['opt_state']:,} numbers of AdamW state "
+         f"instead of {plain['opt_state']:,}: each pair of data-parallel replicas keeps it once.")
+
+# %% [markdown]
+# The same run starts as two "nodes" with torchrun, one agent per node meeting at a c10d rendezvous
+# (`tests/test_threed.py` starts both on this machine and checks that each tensor group's ranks report
+# the same `GROUP_RANK`, torchrun's node index; `docs/multinode.md` has the SLURM version):
+#
+# ```bash
+# torchrun --nnodes=2 --node-rank=0 --nproc-per-node=4 --rdzv-backend=c10d \
+#          --rdzv-endpoint=127.0.0.1:29500 -m course.parallel.threed --dp 2 --pp 2 --tp 2   # node 0
+# torchrun --nnodes=2 --node-rank=1 ...same...                                            # node 1
+# ```
+#
+# A fourth dimension, context parallelism (chapter 06), is not composed here: the pipeline's messages
+# are sized for whole sequences and its last stage averages the loss over its own tokens, so both would
+# have to become sequence-shard aware first.
+
+# %% [markdown]
 # ## 1. What the paper says, and what the planner reproduces
 #
 # Table 2.1 trains eight sizes, from 125M to 175B parameters, to see how performance scales with size
