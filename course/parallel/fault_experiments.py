@@ -165,7 +165,8 @@ def elastic_train(directory: str, job: Job) -> dict:
     hist = train(model, batch, _cfg(job), hooks=[die, ckpt], resume=ckpt.resume, comm=comm)
     resumed = None if ckpt.resumed_from is None else int(ck.NAME.fullmatch(ckpt.resumed_from.name).group(1))
     result = {"params": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
-              "train_loss": hist.train_loss, "resumed_at": resumed, "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))}
+              "train_loss": hist.train_loss, "resumed_at": resumed,
+              "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))}
     if rank == 0:
         torch.save(result, directory / "result.pt")
     return result
