@@ -12,9 +12,9 @@ in the same order, and the resumed run equals the uninterrupted one bit for bit 
   CUDA's when present, Python's `random`, NumPy's global one;
 - the data position: the torch.Generator the batches are drawn from (`TextData.batch(..., generator=g)`
   draws windows from it, so its state IS the position in the stream), or any loader with
-  state_dict()/load_state_dict().
+  state_dict()/load_state_dict() (CheckFreq, Mohan et al. FAST 2021, checkpoints its data iterator so).
 
-How a file is written (the recipe of databases and of torch.distributed.checkpoint's file writer): the
+How a file is written (as DCP's FileSystemWriter writes its .metadata: temp file, fsync, rename): the
 bytes go to a temporary file in the same directory, which is flushed and fsync'ed (the data is on
 disk), then renamed over the final name with os.replace (atomic on POSIX: a reader sees the old file or
 the new one, never a half), then the directory is fsync'ed (the rename itself is on disk). A process
