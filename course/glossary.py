@@ -149,6 +149,12 @@ TERMS: tuple[Term, ...] = (
     _t("throughput", "吞吐量", "09", "Tokens processed per second."),
     _t("checkpoint and resume", "断点续训 (检查点保存与恢复)", "09", "Saving weights, optimizer state, data position and step so a run continues exactly after a failure."),
     _t("fault tolerance", "容错", "09", "Keeping a long run going when devices or nodes fail."),
+    _t("atomic write", "原子写入", "09", "Writing to a temporary file, fsync, then renaming it: readers see the old file or the new one, never half.", "atomically"),
+    _t("checksum", "校验和", "09", "A hash of a file's bytes (SHA-256 here) kept with it, so a truncated or corrupted copy is caught before use.", "SHA-256"),
+    _t("distributed checkpoint (DCP)", "分布式检查点 (DCP)", "09", "Each rank writes its own shard plus shared metadata, so any number of ranks can read it back.", "distributed checkpoints", "DCP"),
+    _t("resharding", "重分片", "09", "Loading a checkpoint saved under one sharding (say 4 ranks) into another (2 ranks).", "resharded"),
+    _t("asynchronous checkpointing", "异步检查点", "09", "Copying the state into memory while training waits, then writing the copy to disk in the background.", "asynchronous save", "async save"),
+    _t("elastic restart", "弹性重启", "09", "torchrun stopping and restarting every rank of a group after one fails, up to --max-restarts times.", "--max-restarts"),
     # 10 ViT, CLIP, SAM
     _t("Vision Transformer (ViT)", "视觉 Transformer (ViT)", "10", "A transformer that reads an image as a sequence of patch embeddings (Dosovitskiy et al. 2021)."),
     _t("patch embedding", "图像块嵌入 (patch 嵌入)", "10", "Cutting an image into P × P patches and mapping each flattened patch linearly to a vector."),

@@ -20,7 +20,9 @@ A non-finite loss or gradient norm stops training with the step where it happene
 (`TrainConfig.on_nonfinite="raise"`), or skips that update ("skip", counted in History.skipped).
 `hooks`: functions called as hook(event, state) with event "after_backward" (gradients averaged,
 before clipping and the update) and "after_step"; state is a `StepState`. They let a user measure or
-log something without editing the loop.
+log something without editing the loop. `resume`: a function resume(model, optimizer) -> (step,
+History) or None, called once after seeding and building the optimizer; it restores a saved state
+(`course.checkpoint.Checkpointer.resume`) and the loop continues at that step with that History.
 """
 from __future__ import annotations
 
@@ -245,8 +247,9 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> float:
 
 
 def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainConfig, label: str = "",
-          optimizer: torch.optim.Optimizer | None = None, comm=None, hooks=()) -> History:
-    """Train in place; returns the History. batch_fn(split) -> (x, y) or (x, y, attn_mask)."""
+          optimizer: torch.optim.Optimizer | None = None, comm=None, hooks=(), resume=None) -> History:
+    """Train in place; returns the History. batch_fn(split) -> (x, y) or (x, y, attn_mask).
+    resume(model, optimizer) -> (step, History) | None: continue a saved run (see the module docstring)."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     torch.manual_seed(cfg.seed)
@@ -254,11 +257,13 @@ def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainCo
     if optimizer is None:  # a model may bring its own (a 3D model's ZeRO-1 over its data ranks)
         optimizer = model.make_optimizer(cfg) if hasattr(model, "make_optimizer") else make_optimizer(model, cfg)
     opt = optimizer
-    hist = History(label=label)
+    hist, first = History(label=label), 0
+    if resume is not None and (found := resume(model, opt)) is not None:
+        first, hist = found  # model, optimizer, generators and data position restored by resume
     peak = peak_flops(device)
     flops_per_token = getattr(unwrap(model), "flops_per_token", None)
     model.train()
-    bar = progress_bar(range(cfg.max_steps), desc=label or "train", enabled=cfg.progress, unit="step")
+    bar = progress_bar(range(first, cfg.max_steps), desc=label or "train", enabled=cfg.progress, unit="step")
     start = time.perf_counter()
     for step in bar:
         if step % cfg.eval_interval == 0 or step == cfg.max_steps - 1:
@@ -307,5 +312,5 @@ def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainCo
             hook("after_step", state)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
     bar.close()
-    hist.elapsed_s = time.perf_counter() - start
+    hist.elapsed_s += time.perf_counter() - start
     return hist
