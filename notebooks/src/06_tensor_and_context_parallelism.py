@@ -138,7 +138,7 @@ display(Markdown(
 # Under tensor parallelism the LayerNorms and dropouts run on the whole (B, T, C) activation on every
 # rank: Korthikanti et al. 2022 (§4.2.1, Table 2) count sbh(10 + 24/t + 5as/(ht)) bytes per layer, where
 # the 10·sbh is *not* divided by t: the two LayerNorms' inputs (4sbh), their outputs, which are the inputs
-# of the two column-parallel linears (4sbh), and the two dropout masks (2sbh) (§4.1). Sequence parallelism splits those tokens too:
+# of the two column-parallel linears (4sbh), and the two dropout masks (2sbh) (§4.1, §4.2.1–4.2.2). Sequence parallelism splits those tokens too:
 # sbh/t·(34 + 5as/h). Measured on each rank (what autograd saves, `course.measure.saved_tensors`,
 # float32, dropout 0.1) against `course.costs.tensor_parallel_layer_bytes`, the same accounting
 # for this course's block (it reproduces the paper's table in the paper's setting: test_tensor_parallel):
@@ -345,9 +345,10 @@ print("(below 1/4: one rank writing attention out keeps the T×T weights, which 
 # - **Bandwidth and overlap.** gloo moves bytes through one machine's memory; the counts are those of the
 #   ring algorithm for the tensors each rank hands to the collective (`course.parallel.comm`), the times are
 #   not a network's. On GPUs, tensor parallelism's all-reduces sit between the matmuls on the critical
-#   path (Shoeybi et al. 2019, §3); Megatron-LM hides only some of it (the sequence-parallel all-gather in
-#   backward runs beside the input-gradient matmul, `LinearWithGradAccumulationAndAsyncCommunication` in
-#   `megatron/core/tensor_parallel/layers.py`), while ring attention hides its hops behind each step's
+#   path (Shoeybi et al. 2019, §3); Megatron-LM hides only some of it: sequence parallelism's extra
+#   all-gather in backward overlaps the computation of the input's gradient (Korthikanti et al. 2022,
+#   §4.2.2; `LinearWithGradAccumulationAndAsyncCommunication` in `megatron/core/tensor_parallel/layers.py`),
+#   while ring attention hides its hops behind each step's
 #   computation when the block is large enough (Liu et al. 2023, section 3).
 # - **Kernels.** Each ring step here writes out one tile's scores; a GPU implementation calls a fused
 #   flash-attention kernel per step, so even the transient tile stays small.
