@@ -182,7 +182,7 @@ fig.tight_layout(rect=(0, 0.04, 1, 1))
 # - **ZB-H1** splits each backward into I (gradient with respect to the stage's input, which the
 #   previous stage waits for) and W (gradients of the weights, which nobody waits for). Rank r runs its
 #   W passes r micro-batches late, so they fill the cool-down: idle time per rank
-#   (p − 1)(F + I − W) instead of (p − 1)(F + I + W), for m ≥ p (Qi et al. 2023, §2.1 and Figure 3; with
+#   (p − 1)(F + I − W) instead of (p − 1)(F + I + W), for m ≥ p (Qi et al. 2023, §2.1, Figure 3 and Table 2; with
 #   F = I = W a third of 1F1B's).
 
 # %% [markdown]
@@ -213,7 +213,7 @@ for (name, m, v), c in run["cases"].items():
 load = os.getloadavg()[0]
 gap, worst = max((c["timeline"].bubble - sim[k].bubble, k) for k, c in run["cases"].items())
 display(Markdown("\n".join(rows) + f"\n\nFormulas: (p−1)/m for GPipe and 1F1B, (p−1)/(vm) interleaved (Narayanan et al. "
-                 f"2021, §2.2), (p−1)(F+I−W)/(m(F+I+W)) for ZB-H1 with m ≥ p (Qi et al. 2023, §2.1; — where m < p); "
+                 f"2021, §2.2), (p−1)(F+I−W)/(m(F+I+W)) for ZB-H1 with m ≥ p (Qi et al. 2023, §2.1 and §2.3 Table 2; — where m < p); "
                  f"idle share = ratio/(1 + ratio). The measured idle share exceeds the simulated one by at most "
                  f"{gap:.3f} ({L.TITLES[worst[0]]}, m = {worst[1]}). Load average while this ran: {load:.1f} on "
                  f"{os.cpu_count()} cores."))
