@@ -36,9 +36,10 @@ from IPython.display import Markdown
 from course.costs import flash_layer_bytes, layer_activation_bytes
 from course.data import load_dataset
 from course.device import profile
-from course.flash import FlashAttention, flash_attention
+from course.flash import FlashAttention, dropout_keep, flash_attention
 from course.lessons import flash as lesson
 from course.lessons.recompute import measure_policies
+from course.measure import time_it
 from course.model import MatmulAttention, ModelConfig, Transformer, set_attention
 from course.recompute import plan
 
@@ -229,6 +230,16 @@ assert res["none"].activations - fl.activations == L * (written - kept)  # exact
 assert fl.activations - ca.activations == L * B * H * T * 4  # what core-attention keeps + the log-sum-exp
 
 # %%
+# NBVAL_IGNORE_OUTPUT
+scores = torch.empty(B, H, T, T, device=prof.device)  # one layer's (B, H, T, T) mask, drawn both ways
+t_hash = time_it(lambda: dropout_keep(0, B, H, T, 0.1, device=prof.device), repeats=5, device=prof.device)
+t_bern = time_it(lambda: scores.bernoulli_(0.9), repeats=5, device=prof.device)
+Markdown(f"Is the hash what makes it cheap? One layer's mask ({B}×{H}×{T}×{T}) built densely by the kernel's "
+         f"counter-based hash takes {t_hash * 1e3:.1f} ms, by `bernoulli_` {t_bern * 1e3:.1f} ms "
+         f"({t_hash / t_bern:.1f}×): the hash is {'faster' if t_hash < t_bern else 'not faster'} here. What it buys "
+         f"is memory and state: no mask is stored, and the same seed gives the same mask at any tile size.")
+
+# %%
 def s2_share(s, h, a):  # share of a written-out layer's saved bytes that are the s×s terms (measured = formula above)
     w = sum(layer_activation_bytes(s, 1, h, a, core="matmul", dropout=True, device=kind).values())
     return (w - sum(flash_layer_bytes(s, 1, h, a, dropout=True, device=kind).values())) / w
@@ -280,7 +291,8 @@ assert flash_plan["extra compute"] == core_plan["extra compute"] / 2  # QK^T onl
 # - FlashAttention-2's backward recomputes each score tile from q, k and L. Memory per layer drops from
 #   O(s²) to O(s) (measured here to the byte), at the price of one extra QKᵀ per tile.
 # - Dropout fits too: regenerate the mask from a seed and the tile coordinates with a counter-based generator.
-#   On a CPU, a vectorized hash costs far less than drawing `bernoulli_` again.
+#   It saves the mask's memory and makes the mask independent of the tiling; it is not faster than drawing
+#   `bernoulli_` again (measured in section 5).
 # - Causal and block-sparse attention skip whole tiles, so they save time as well as memory.
 # - With a flash kernel, Korthikanti's selective recomputation has nothing left to drop. What remains
 #   is the O(s·b·h) activations that full or √n checkpointing trade for compute (lesson 04).
