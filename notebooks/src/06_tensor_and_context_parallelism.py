@@ -338,7 +338,8 @@ print("(below 1/4: one rank writing attention out keeps the T×T weights, which 
 # unchanged, block-sparse included) and back after. Its bytes per rank shrink as 1/N at a fixed length
 # (Jacobs et al. 2023, §3.2: 4·T·h/N per link and layer for sequence length T; section 4 shows N = 2 only); the
 # price is that N cannot exceed the number of heads (the paper's version needs N to divide them), and each
-# rank still holds T×T scores for its heads unless the core is a fused one. It is tested beside the ring in `tests/test_context_parallel.py`.
+# rank still holds T×T scores for its heads unless the core is a fused one. It is tested beside the ring in
+# `tests/test_context_parallel.py`.
 #
 # ## What a CPU cannot show
 #

@@ -209,11 +209,13 @@ for (name, m, v), c in run["cases"].items():
     tl, sm, r = c["timeline"], sim[(name, m, v)], L.formula_ratio(name, P, m, v)
     share = "—" if r is None else f"{r / (1 + r):.3f}"  # idle / (busy + idle) from idle / busy
     rows.append(f"| {L.TITLES[name]}{' v=2' if v > 1 else ''} | {m} | {tl.bubble:.3f} | {replays[(name, m, v)].bubble:.3f} | "
-                f"{sm.bubble:.3f} | {share} | {tl.bubble_ratio:.3f} | {sm.bubble_ratio:.3f} | {'—' if r is None else f'{r:.3f}'} |")
+                f"{sm.bubble:.3f} | {share} | {tl.bubble_ratio:.3f} | {sm.bubble_ratio:.3f} | "
+                f"{'—' if r is None else f'{r:.3f}'} |")
 load = os.getloadavg()[0]
 gap, worst = max((c["timeline"].bubble - sim[k].bubble, k) for k, c in run["cases"].items())
 display(Markdown("\n".join(rows) + f"\n\nFormulas: (p−1)/m for GPipe and 1F1B, (p−1)/(vm) interleaved (Narayanan et al. "
-                 f"2021, §2.2), (p−1)(F+I−W)/(m(F+I+W)) for ZB-H1 with m ≥ p (Qi et al. 2023, §2.1 and §2.3 Table 2; — where m < p); "
+                 f"2021, §2.2), (p−1)(F+I−W)/(m(F+I+W)) for ZB-H1 with m ≥ p (Qi et al. 2023, §2.1 and §2.3 "
+                 f"Table 2; — where m < p); "
                  f"idle share = ratio/(1 + ratio). The measured idle share exceeds the simulated one by at most "
                  f"{gap:.3f} ({L.TITLES[worst[0]]}, m = {worst[1]}). Load average while this ran: {load:.1f} on "
                  f"{os.cpu_count()} cores."))
@@ -354,11 +356,12 @@ display(Markdown(
     f"{gpt3['tensor_bytes'] / 1e9:.1f} GB, {gpt3['tensor_bytes'] / gpt3['pipeline_bytes']:.0f}× more, and inside "
     f"every layer where it cannot wait. That is why Megatron-LM keeps tensor parallelism inside a server "
     f"(NVLink) and lets pipeline parallelism cross servers (InfiniBand), with data parallelism outside both "
-    f"(Narayanan et al. 2021, section 3.2, takeaway 1). One hop takes {link_seconds(gpt3['hop_bytes'], hdr) * 1e3:.1f} ms "
-    f"on one {LINKS[hdr] * 8 / 1e9:.0f} Gb/s HDR InfiniBand link, one per GPU in a DGX A100. The price of the pipeline is the bubble, "
-    f"which needs m ≫ p micro-batches per step, or interleaving (v times the messages) or zero-bubble schedules to "
-    f"shrink: ZB-H1 keeps 1F1B's peak, but on every rank (section 7); ZB-H2 removes the bubble for up to 2p − 1 "
-    f"micro-batches in flight (Qi et al. 2023, §2.2)."))
+    f"(Narayanan et al. 2021, section 3.2, takeaway 1). One hop takes "
+    f"{link_seconds(gpt3['hop_bytes'], hdr) * 1e3:.1f} ms on one {LINKS[hdr] * 8 / 1e9:.0f} Gb/s HDR InfiniBand "
+    f"link, one per GPU in a DGX A100. The price of the pipeline is the bubble, which needs m ≫ p micro-batches "
+    f"per step, or interleaving (v times the messages) or zero-bubble schedules to shrink: ZB-H1 keeps 1F1B's "
+    f"peak (Qi et al. 2023, Table 2: p·M_B), which here every rank reaches (section 7); ZB-H2 removes the bubble "
+    f"for up to 2p − 1 micro-batches in flight (Qi et al. 2023, §2.2)."))
 
 # %% [markdown]
 # ## What this CPU cannot show

@@ -247,7 +247,8 @@ def s2_share(s, h, a):  # share of a written-out layer's saved bytes that are th
 
 Markdown(f"At this shape (s = {T}, h = {C}, {H} heads: 5as/h = {5 * H * T / C:g}) the s×s terms are "
          f"{s2_share(T, C, H):.0%} of a written-out layer; at GPT-3 175B's (s = 2048, h = 12288, 96 heads: "
-         f"5as/h = {5 * 96 * 2048 / 12288:g}, Brown et al. 2020, Table 2.1) they are {s2_share(2048, 12288, 96):.0%} in this accounting (Korthikanti et al. 2022, §5: 70% in 16-bit). "
+         f"5as/h = {5 * 96 * 2048 / 12288:g}, Brown et al. 2020, Table 2.1) they are {s2_share(2048, 12288, 96):.0%} "
+         f"in this accounting (Korthikanti et al. 2022, §5: 70% in 16-bit). "
          f"`benchmarks/flash_attention.py` measures the same comparison at a larger share than here (h = 1024, "
          f"16 heads, s = 512: 5as/h = 40, {s2_share(512, 1024, 16):.0%}), against the course's own target of ≥ 40% "
          f"of activation memory saved at ≤ 1.10× the step time (a goal set for this chapter, not a published number).")
