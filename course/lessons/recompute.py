@@ -165,7 +165,7 @@ def plot_written_out(written, costs: dict, device_type: str, target=(0.40, 1.10)
     control = next((r for r in written if r.policy.endswith("#control")), None)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
     ax1.fill_between([1.0, target[1]], 0, (1 - target[0]) * none.activations / 2**20, color="C2", alpha=0.12,
-                     label=f"target: >= {target[0]:.0%} saved at <= {target[1]:.2f}x time")
+                     label=f"the course's target (not a paper's): >= {target[0]:.0%} saved at <= {target[1]:.2f}x time")
     if control is not None:
         lo, hi = sorted((1.0, control.time_ratio))
         ax1.axvspan(2 - hi if hi > 1 else lo, hi, color="gray", alpha=0.15, label="timing noise (control)")

@@ -41,7 +41,9 @@ from course.scale_presets import GB, GPT3_TABLE, MEGATRON_TABLE2_175B, MEGATRON_
 prof = profile()  # the planner is arithmetic: the same on every machine
 gpt3 = scale.gpt3("175B")
 a100 = scale.cluster("dgx-a100", nodes=128)  # 1,024 A100 80 GB, the size of Megatron-LM's 34-day estimate
-v100 = scale.cluster("dgx1-v100", nodes=128)  # 1,024 V100 32 GB: GPT-3 was trained on V100s (§2.3)
+# 1,024 V100 32 GB: GPT-3 used V100s (§2.3); the 32 GB part and the DGX-1 node are our assumption
+# (DGX-1: 400 Gb/s per 8 GPUs, as Microsoft's per-server figure)
+v100 = scale.cluster("dgx1-v100", nodes=128)
 BATCH = 1536  # sequences of 2048 tokens = 3.1M tokens (Table 2.1: 3.2M; 1536 is Narayanan et al.'s choice)
 print(prof)
 for cl in (a100, v100):
@@ -136,7 +138,10 @@ Markdown(f"After {len(plain['ref_norm'])} AdamW steps every parameter on every r
 # model parallelism across the layers of the network. All models were trained on V100 GPU's on part of a
 # high-bandwidth cluster provided by Microsoft."* That is tensor parallelism ("within each matrix
 # multiply") and pipeline parallelism ("across the layers"). The paper gives **no GPU count and no
-# layout**. The story this course started from says GPT-3 ran on "about 2000 GPU nodes", with "data
+# layout**; the one public number is Microsoft's description of the Azure supercomputer it built for
+# OpenAI (Microsoft Build, May 2020): 285,000 CPU cores, 10,000 GPUs and 400 Gb/s of network per GPU
+# server, without saying how much of it GPT-3 used. The story this course started from says GPT-3 ran
+# on "about 2000 GPU nodes", with "data
 # parallel inside each node and model parallel between nodes"; section 4 checks that placement.
 #
 # First, the numbers the planner must reproduce: the parameter count of Table 2.1's layout, the training
@@ -164,7 +169,7 @@ Markdown(f"GPT-3 175B counts **{N / 1e9:.1f}B** parameters (12h² + 13h per laye
          f"6·N·D for {D / 1e9:.0f}B tokens is **{6 * N * D:.3g} FLOPs**, Table D.1's 3.14e23. One iteration of "
          f"{BATCH} sequences with full recomputation is {q.flops:.3g} FLOPs, eq. 3 exactly, and eq. 4 gives "
          f"**{days_eq4:.1f} days** on 1,024 A100 at 140 TFLOP/s each; one V100 at its full 125 TFLOP/s would need "
-         f"{costs.gpu_days(6 * N * D, costs.PEAK_FLOPS['V100']) / 365:.0f} years. The smaller sizes match Table 2.1's "
+         f"{costs.gpu_days(6 * N * D, costs.PEAK_FLOPS['V100']) / 365:.0f} years (Narayanan et al. 2021, §1: about 288 at a realistic rate). The smaller sizes match Table 2.1's "
          f"rounded names except Medium, whose layout counts {scale.gpt3('Medium').n_params / 1e6:.0f}M, "
          f"not 350M, and 13B, printed with d_model 5140 although 40 heads × 128 = 5120.")
 
@@ -175,10 +180,11 @@ Markdown(f"GPT-3 175B counts **{N / 1e9:.1f}B** parameters (12h² + 13h per laye
 # that does not overlap. Communication follows from bytes and link speeds (NVLink and InfiniBand from the
 # DGX data sheets, α–β: a latency per ring step plus bytes over bandwidth). The fraction *e* is the one
 # number no data sheet gives. We fit it on **one** row of Megatron-LM's weak-scaling table (Narayanan et
-# al. 2021, Table 1: the 145.6B model with t = 8, p = 8 on 1,536 A100, the row closest to GPT-3) and
-# *predict* the other nine. Table 1 does not list each row's micro-batch size or schedule: we assume
-# micro-batch 1 and 1F1B, with full recomputation (Table 1's FLOPs are eq. 3's) and the gradient
-# all-reduce after the last backward.
+# al. 2021, Table 1: the 145.6B model with t = 8, p = 8 on 1,536 A100, the row closest to GPT-3: same h and heads, 80 layers) and
+# *predict* the other nine. Table 1 lists neither each row's micro-batch size nor its number of interleaved
+# chunks (§5.1 says these runs use the interleaved schedule with the scatter/gather optimization): we assume
+# micro-batch 1 and plain 1F1B (v = 1), with full recomputation (Table 1's FLOPs are eq. 3's) and the
+# gradient all-reduce after the last backward; the fitted e absorbs what interleaving would save.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -207,7 +213,7 @@ Markdown(f"Fitted on one row, the planner puts the compute at **e = {eff:.1%}** 
 # ## 3. Memory per GPU: what has to be split
 #
 # Mixed-precision Adam keeps 16 bytes per parameter (2 weights + 2 gradients + 12 optimizer: fp32 master
-# copy, momentum, variance; ZeRO §3), replicated on every data-parallel rank. Tensor
+# copy, momentum, variance; ZeRO §3.1), replicated on every data-parallel rank. Tensor
 # parallelism divides the weights by t, pipeline parallelism by p; ZeRO-1 shards the optimizer state over
 # the data-parallel ranks. Activations are Korthikanti et al.'s 34·sbh + 5·as²b bytes per layer and
 # micro-batch, divided by t (all of it only with sequence parallelism) — and a pipeline stage keeps the
@@ -245,8 +251,8 @@ Markdown(f"Pure data parallelism needs **{m['DP 1024']['total'] / GB:,.0f} GB** 
 # %% [markdown]
 # ## 4. Why tensor parallelism stops at a node
 #
-# Tensor parallelism all-reduces b·s·h activations four times per layer and micro-batch (six with full
-# recomputation, which repeats the forward): the largest traffic of any dimension. Inside a DGX node it
+# Tensor parallelism all-reduces b·s·h activations four times per layer and micro-batch (Shoeybi et al. 2019,
+# §3; six with full recomputation, which repeats the forward's two): the largest traffic of any dimension. Inside a DGX node it
 # rides NVLink; one node further, InfiniBand: the interconnect bandwidth per GPU drops by an order of
 # magnitude. Same pipeline depth
 # (16), ZeRO-1, full recomputation, tensor degree 1 … 32:
@@ -348,7 +354,8 @@ assert below  # the text below explains that the planner misses a cost here
 rows = "; ".join(f"{n} GPUs: published {tf}, planned {z_lo[n]:.0f}–{z_hi[n]:.0f}" for n, _, tf, _ in MEGATRON_TABLE2_ZERO3_175B)
 Markdown(f"PTD-P is predicted within {max(abs(planned[n] / tf - 1) for n, tf, _ in MEGATRON_TABLE2_175B):.0%} at every "
          f"size. ZeRO-3 is where the planner is weakest ({rows} TFLOP/s per GPU): each micro-batch gathers all "
-         f"{2 * gpt3.n_params / GB:.0f} GB of 16-bit weights twice and reduce-scatters the gradients, over "
+         f"{2 * gpt3.n_params / GB:.0f} GB of 16-bit weights twice and reduce-scatters the gradients (ZeRO §7's 3Ψ, "
+         f"repeated per micro-batch under gradient accumulation), over "
          f"InfiniBand, whatever the GPU count, so with a fixed batch the compute per GPU shrinks and the "
          f"traffic does not. Published throughput falls faster than even the no-overlap end at "
          f"{', '.join(str(n) for n in below)} GPUs: something beyond bytes and bandwidth (ring collectives over "
