@@ -189,8 +189,9 @@ def test_lower_lr_halves_the_rate_from_the_anomaly_on():
     c = cfg()
     _, hist, guard = run({FAULT_STEP: "corrupt_batch"}, policy="lower_lr")
     assert hist.skipped == [FAULT_STEP] and "spike" in guard.events[0][1]
-    assert hist.lr[:FAULT_STEP] == [lr_at(s, c) for s in range(FAULT_STEP)]
-    assert hist.lr[FAULT_STEP:] == [lr_at(s, c) * 0.5 for s in range(FAULT_STEP, STEPS)]  # x0.5 is exact
+    # the anomalous step's own update is skipped; every later one runs at half the schedule (x0.5 is exact)
+    assert hist.lr[:FAULT_STEP + 1] == [lr_at(s, c) for s in range(FAULT_STEP + 1)]
+    assert hist.lr[FAULT_STEP + 1:] == [lr_at(s, c) * 0.5 for s in range(FAULT_STEP + 1, STEPS)]
 
 
 def test_spike_detector_on_a_hand_series():

@@ -72,8 +72,10 @@ class SeedStats:
 
     @property
     def std(self) -> float:
-        """Sample standard deviation (divides by n - 1); nan for one seed."""
-        return statistics.stdev(self.values) if self.n > 1 else math.nan
+        """Sample standard deviation (divides by n - 1); nan for one seed or a non-finite value (a diverged run)."""
+        if self.n < 2 or not all(math.isfinite(v) for v in self.values):
+            return math.nan
+        return statistics.stdev(self.values)
 
     @property
     def half_width(self) -> float:
