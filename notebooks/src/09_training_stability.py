@@ -19,6 +19,10 @@
 # 4. a monitored run with a NaN and a loss spike injected, caught and handled, on a dashboard;
 # 5. overfitting a tiny training set, and what dropout, weight decay and gradient noise do to it.
 #
+# Two more sections of this chapter, spliced in where they belong, measure the other half of the
+# story: throughput (data loading, prefetch, batch, accumulation, mixed precision with loss scaling)
+# and fault tolerance (checkpoint and resume, bit for bit, and a rank that dies).
+#
 # The library: `course/train.py` (schedules, hooks), `course/stability/` (seeds, init, monitor,
 # anomalies, hyperparameter tools), `course/lessons/stability.py` (this lesson's experiments and figures).
 
@@ -119,7 +123,7 @@ plt.show()
 Markdown(ls.stats_table(sched))
 
 # %% [markdown]
-# ## 2. Initialization: where the signal starts
+# ## 2. Weight initialization: where the signal starts
 #
 # GPT-2 "scale[s] the weights of residual layers at initialization by a factor of 1/√N where N is the
 # number of residual layers" (Radford et al. 2019, §2.3): each of the L blocks adds two branches to
@@ -142,8 +146,9 @@ g, u, b = at_init["gpt2"], at_init["unscaled"], at_init["large"]
 Markdown(f"From the first to the last of {deep.n_layer} blocks the residual stream's std grows "
          f"{g.act_std[-1] / g.act_std[0]:.1f}x with GPT-2's scaling and {u.act_std[-1] / u.act_std[0]:.1f}x "
          f"without it; with N(0, 1) weights it starts at {b.act_std[0]:.0f} (std 1 per weight, summed over "
-         f"{setup.n_embd} inputs), and the gradients at block 0 are {b.grad_norm[0] / g.grad_norm[0]:.0e} times "
-         f"GPT-2's.")
+         f"{setup.n_embd} inputs), and the gradients into block 0 are {b.grad_norm[0] / g.grad_norm[0]:.1f} times "
+         f"GPT-2's. PyTorch's default (uniform in ±1/√fan_in) starts the {setup.n_embd}-wide stream at "
+         f"{at_init['pytorch'].act_std[0]:.2f}.")
 
 # %%
 init_cmp = compare({s: (lambda seed, s=s: setup.run(seed, init=s, lr=best_lr)) for s in schemes}, SEEDS)
@@ -200,7 +205,8 @@ Markdown(f"Batch {2 * B} and its accumulated twin end at {big.mean:.3f} and {acc
 # spike, a z-score above 6 against the last 20 good losses (the reason for 6 is in
 # `course/stability/anomalies.py`). Its policy skips the update and, for "rollback", restores the model,
 # AdamW state and detector from the last in-memory snapshot and so skips the batches since, as PaLM
-# did for its loss spikes (Chowdhery et al. 2022, §5.1). `FaultInjector` breaks a run on purpose.
+# did for its loss spikes (Chowdhery et al. 2022, §5.1). `FaultInjector` breaks a run on purpose (fault injection: a NaN, a corrupt batch, a learning-rate
+# spike, a bit flip in a weight).
 # Here: a NaN in an activation at step 20, and a corrupt batch (random tokens) at step 35.
 
 # %%
@@ -309,13 +315,18 @@ Markdown(ls.stats_table(over_cmp, metrics=("train", "val", "best val")))
 # %%
 # NBVAL_IGNORE_OUTPUT
 none, reg = over_cmp["none"], over_cmp["dropout 0.2 + wd 0.1"]
+noise = over_cmp["dropout 0.2 + wd 0.1 + gradient noise"]
 Markdown(f"Without regularization the final training loss is {none['train'].mean:.3f} and the validation loss "
          f"{none['val'].mean:.3f}, {none['val'].mean - none['best val'].mean:.3f} above its best: the model has "
          f"memorised the {len(small.train):,} characters. With dropout and weight decay the gap between train "
          f"and validation is {reg['val'].mean - reg['train'].mean:.3f} instead of {none['val'].mean - none['train'].mean:.3f}, "
          f"and the final validation loss {reg['val'].mean:.3f} ± {reg['val'].half_width:.3f} against "
          f"{none['val'].mean:.3f} ± {none['val'].half_width:.3f} "
-         f"({'separated' if separated(reg['val'], none['val']) else 'overlapping'} 95% intervals).")
+         f"({'separated' if separated(reg['val'], none['val']) else 'overlapping'} 95% intervals). Gradient noise "
+         f"at η = 0.01 on top ends at {noise['val'].mean:.3f} ± {noise['val'].half_width:.3f}, "
+         f"{'worse' if noise['val'].mean > reg['val'].mean else 'better'} than without it: at this size and step "
+         f"count it {'slows fitting more than it regularizes' if noise['val'].mean > reg['val'].mean else 'helps'}; "
+         f"each remedy has to be measured.")
 
 # %% [markdown]
 # ## Summary
