@@ -65,12 +65,12 @@ class Monitor:
         elif event == "after_step":
             self.steps.append(state.step)
             ratio = math.nan
-            if self._before is not None:
+            if self._before is not None and not state.skip:  # a skipped (or rolled-back) step made no update
                 params = self._params()
                 delta = math.sqrt(sum((p.detach() - b).float().square().sum().item() for p, b in zip(params, self._before)))
                 norm = math.sqrt(sum(b.float().square().sum().item() for b in self._before))
                 ratio = delta / norm if norm > 0 else math.nan
-                self._before = None
+            self._before = None
             self.metrics["update_ratio"].append(ratio)
             if self._layers is not None:
                 for i, v in enumerate(self._layers.act_std):

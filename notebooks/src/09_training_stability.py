@@ -230,6 +230,14 @@ assert [e[0] for e in guard.events] == [20, 35] and "non-finite" in guard.events
 assert hist.skipped == [20, 35] and all(math.isfinite(v) for v in hist.val_loss)
 print("both faults detected at the step they happened, rolled back, and training went on")
 
+# %%
+# NBVAL_IGNORE_OUTPUT
+ratios = sorted(r for r in mon.metrics["update_ratio"] if math.isfinite(r))
+Markdown(f"The red lines mark the two anomalies; at those steps no update was made, and the curves continue from "
+         f"the restored snapshot. The median update/weight ratio is {ratios[len(ratios) // 2]:.1e}, above CS231n's "
+         f"1e-3 (a heuristic for long runs): a toy model that must learn in {steps} steps at a peak rate of "
+         f"{best_lr:g} moves its weights fast.")
+
 # %% [markdown]
 # Which policy for which fault? Skipping is enough for a transient fault (one bad batch, one NaN);
 # a fault that has already reached the weights (a learning-rate spike applied in an update, a flipped
