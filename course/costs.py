@@ -326,7 +326,7 @@ def megatron_bubble_ratio(p: int, m: int, v: int = 1) -> float:
 def zb_h1_bubble_time(p: int, t_f: float, t_b: float, t_w: float) -> float:
     """Idle time per rank of ZB-H1, (p-1)(t_f + t_b - t_w), with t_b the input-gradient pass and t_w the
     weight-gradient pass; 1F1B's is (p-1)(t_f + t_b + t_w). Qi et al. 2023, "Zero Bubble Pipeline
-    Parallelism", section 3.1 (holds when t_w <= t_f + t_b and m >= p)."""
+    Parallelism", section 2.1 (holds when t_w <= t_f + t_b and m >= p)."""
     _pipeline_sizes(p, 1)
     for name, value in (("t_f", t_f), ("t_b", t_b), ("t_w", t_w)):
         _positive(name, value, integer=False)

@@ -21,6 +21,11 @@ applies tensor parallel -> activation checkpointing -> compile -> FSDP in the sa
   5. data parallel  `DataParallel` (naive or bucketed, course.parallel.data_parallel) or PyTorch's
                     `DistributedDataParallel`: the outermost wrapper, it averages the gradients
 
+With `Plan.pipeline` (a schedule name) and a mesh with a "pipeline" dimension, steps 4-5 are the
+3D composition of `course.parallel.threed`: the (tensor-parallel, recomputed) model is cut into
+pipeline stages run by the schedule, gradients are averaged over the mesh's "data" ranks, and
+shard="zero1" partitions the optimizer state over them (Narayanan et al. 2021, section 3).
+
 Sharding already averages gradients over the data-parallel ranks, so `shard` and `data_parallel`
 exclude each other; a combination that cannot work raises a ValueError naming both.
 """
@@ -50,6 +55,9 @@ class Plan:
     find_unused_parameters: bool = False
     tensor_parallel: bool = False  # Megatron-LM tensor parallelism over the mesh's "tensor" ranks (or the world)
     sequence_parallel: bool = False  # with tensor_parallel: LayerNorm, dropout on T/t tokens (Korthikanti 2022)
+    pipeline: str | None = None  # a course.parallel.schedules name: cut into stages over the mesh's "pipeline" ranks
+    micro_batches: int = 1  # with pipeline: micro-batches per step (per data-parallel rank)
+    virtual_stages: int = 1  # with pipeline="interleaved": stages per rank
 
     def __post_init__(self):
         if self.attention is not None and not callable(self.attention):
@@ -67,8 +75,11 @@ class Plan:
         if self.sequence_parallel and not self.tensor_parallel:
             raise ValueError("Plan.sequence_parallel=True splits what Plan.tensor_parallel leaves whole; it needs "
                              "Plan.tensor_parallel=True")
+        if self.pipeline is not None:
+            from .parallel.threed import check_plan
+            check_plan(self)
         for name in ("shard", "data_parallel"):
-            if self.tensor_parallel and getattr(self, name) is not None:
+            if self.tensor_parallel and self.pipeline is None and getattr(self, name) is not None:
                 raise ValueError(f"Plan.tensor_parallel=True with Plan.{name}={getattr(self, name)!r} is not supported: "
                                  f"their gradient clipping would see only this rank's tensor-parallel shards; use "
                                  f"one of them")
@@ -97,6 +108,9 @@ def parallelize(model: nn.Module, plan: Plan, comm=None, mesh=None) -> nn.Module
                               sequence_parallel=plan.sequence_parallel)
     if plan.recompute != "none":  # 3. recomputation
         apply_policy(model, plan.recompute, plan.recompute_k)
+    if plan.pipeline is not None:  # 4-5. stages over the pipeline ranks, ZeRO-1 and data parallel over the data ranks
+        from .parallel.threed import pipeline_3d
+        return pipeline_3d(model, plan, mesh)
     if plan.shard is None and plan.data_parallel is None:
         return model
     from .parallel.comm import Comm

@@ -95,6 +95,7 @@ class Plan:
     links: dict  # dimension -> "intra" (inside a node) or "inter" (across nodes)
     times: dict  # seconds per iteration: compute, bubble, then exposed communication per dimension
     step: float = field(init=False)
+    simulated: float | None = field(default=None, init=False)  # course.simulate's step, set by search
 
     def __post_init__(self):
         self.step = sum(self.times.values())
@@ -310,8 +311,13 @@ def _does_not_fit(p: Plan, **kw) -> str:
 
 
 def search(model: GPTSpec, cluster: Cluster, batch: int, *, micro_batches=(1, 2, 4, 8), chunks=(1, 2, 4),
-           zeros=(0, 1, 2, 3), recomputes=RECOMPUTE, cps=(1,), **kw) -> list[Plan]:
-    """Every valid layout of `batch` sequences on the cluster that fits in memory, fastest step first."""
+           zeros=(0, 1, 2, 3), recomputes=RECOMPUTE, cps=(1,), rank_by: str = "plan", simulate_top: int | None = None,
+           **kw) -> list[Plan]:
+    """Every valid layout of `batch` sequences on the cluster that fits in memory, fastest step first.
+    rank_by="simulate": by course.simulate's step time (Plan.simulated) instead of the closed form, for the
+    planner's fastest `simulate_top` layouts (all if None); the rest are dropped."""
+    if rank_by not in ("plan", "simulate"):
+        raise ValueError(f"rank_by must be 'plan' or 'simulate', got {rank_by!r}")
     n, g, found = cluster.world, cluster.gpus_per_node, []
     tps = [t for t in range(1, g + 1) if g % t == 0 and model.n_head % t == 0]
     for t in tps:
@@ -332,4 +338,12 @@ def search(model: GPTSpec, cluster: Cluster, batch: int, *, micro_batches=(1, 2,
                                     continue
                                 if q.fits:
                                     found.append(q)
-    return sorted(found, key=lambda q: q.step)
+    found.sort(key=lambda q: q.step)
+    if rank_by == "plan":
+        return found
+    from .simulate import simulate
+    sim_kw = {k: kw[k] for k in ("efficiency", "scatter_gather", "tensor_within_node", "overlap_dp") if k in kw}
+    found = found[:simulate_top]
+    for q in found:
+        q.simulated = simulate(model, cluster, q.layout, **sim_kw).step
+    return sorted(found, key=lambda q: q.simulated)

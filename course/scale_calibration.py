@@ -53,3 +53,103 @@ def megatron_efficiency() -> float:
     """Achieved fraction of A100 peak, calibrated on Table 1's CALIBRATION_ROW only."""
     row = MEGATRON_TABLE1[CALIBRATION_ROW]
     return calibrate(*megatron_case(row), row[8], **MEGATRON_OPTIONS)
+
+
+# ----------------------------------------------------------------------------- our own CPU runs
+# The step-time simulator (course.simulate) calibrated on this machine: a compute rate and an α–β link
+# fitted on microbenchmarks (course.parallel.calibration_runs), then asked to predict the step time of
+# parallel layouts it was not fitted on.
+
+
+def fit_linear(features, ys, relative: bool = False) -> list[float]:
+    """Least-squares coefficients c of ys ≈ features @ c (float64; exact when the data fit exactly).
+    relative: minimise relative errors (rows divided by y), so that samples spanning orders of magnitude
+    (small messages: latency, large ones: bandwidth) each count."""
+    import numpy as np
+    X, y = np.asarray(features, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if X.ndim != 2 or len(X) != len(y) or len(y) < X.shape[1]:
+        raise ValueError(f"need at least {X.shape[1] if X.ndim == 2 else '?'} samples of {X.shape[1:]} features "
+                         f"with one time each, got features of shape {X.shape} and {len(y)} times")
+    if np.linalg.matrix_rank(X) < X.shape[1]:
+        raise ValueError("the samples cannot separate the parameters (vary the sizes: e.g. message bytes)")
+    w = 1 / y if relative else np.ones_like(y)
+    col = np.abs(X).max(axis=0)  # columns scaled to 1: FLOPs (1e9) beside counts (1) would be ill-conditioned
+    return (np.linalg.lstsq(X * w[:, None] / col, y * w, rcond=None)[0] / col).tolist()
+
+
+def fit_alpha_beta(samples) -> tuple[float, float]:
+    """(α seconds per step, β bytes/s) of t = steps·α + bytes sent/β (Hockney 1994) from samples
+    (op, nbytes, world, seconds), ops as in costs.collective_seconds (ring steps and bytes per rank);
+    least squares on relative errors."""
+    from .costs import COLLECTIVE_STEPS, ring_bytes
+    for op, n, world, secs in samples:
+        if op not in COLLECTIVE_STEPS or not (isinstance(secs, (int, float)) and secs > 0):
+            raise ValueError(f"a link sample is (op in {sorted(COLLECTIVE_STEPS)}, bytes, world, seconds > 0), "
+                             f"got {(op, n, world, secs)!r}")
+    feats = [(COLLECTIVE_STEPS[op](w), n if op == "send" else ring_bytes(op, n, w)) for op, n, w, _ in samples]
+    alpha, inv_beta = fit_linear(feats, [s[3] for s in samples], relative=True)
+    if inv_beta <= 0:
+        raise ValueError(f"the fitted time per byte is {inv_beta:.3g} s: the samples do not grow with size")
+    return max(alpha, 0.0), 1.0 / inv_beta
+
+
+def fit_compute(samples) -> tuple[float, float, float]:
+    """(seconds per step, seconds per forward-backward pass, FLOP/s) of
+    t = step overhead + passes · pass overhead + FLOPs/rate, from samples (FLOPs, passes, seconds):
+    the optimizer step, the fixed cost of running the model once (Python, kernel launches), the matmuls."""
+    step, per_pass, inv_rate = fit_linear([(1.0, k, f) for f, k, _ in samples], [t for *_, t in samples])
+    if inv_rate <= 0:
+        raise ValueError(f"the fitted time per FLOP is {inv_rate:.3g} s: the step time does not grow with FLOPs")
+    return max(step, 0.0), max(per_pass, 0.0), 1.0 / inv_rate
+
+
+def cpu_case(runs, rate: float, collective: tuple, p2p: tuple, layout):
+    """(GPTSpec, Cluster) of the calibration runs' model on layout.world CPU processes with gloo links:
+    collectives (tensor, data) on the fitted all-reduce link (α, β), pipeline sends on the fitted
+    point-to-point one. gloo's all-reduce also sums and copies, so its time per byte is not a send's; the
+    cluster says so by putting each pipeline stage in its own 'node' (the planner's inter-node link)."""
+    from .scale_presets import GPU, Cluster, GPTSpec
+    spec = GPTSpec("CPU model", runs.n_layer, runs.n_embd, runs.n_head, vocab=runs.vocab_size, seq_len=runs.block_size)
+    gpu = GPU("CPU process", rate, 1e15, "fitted compute rate of one process (course.parallel.calibration_runs)")
+    (a_c, b_c), (a_p, b_p) = collective, p2p
+    return spec, Cluster(gpu, layout.world // layout.pp, layout.pp, b_c, b_p, a_c, a_p,
+                         name=f"{layout.world} CPU processes, gloo")
+
+
+CPU_LAYOUTS = {"DP 2": dict(dp=2), "TP 2": dict(tp=2), "PP 2": dict(pp=2), "3D 2x2x2": dict(dp=2, tp=2, pp=2)}
+# how each measured layout reduces its gradients: DataParallel's buckets overlap the backward (DDP's
+# design); the 3D model averages them after the schedule (course.parallel.threed)
+CPU_OVERLAP = {"3D 2x2x2": 0.0}
+
+
+def cpu_layout(runs, name: str, dims: dict = None):
+    """scale.Layout of a measured CPU layout (no recomputation, 1F1B with runs.pp_micro_batches)."""
+    dims = dims or CPU_LAYOUTS[name]
+    dp, pp = dims.get("dp", 1), dims.get("pp", 1)
+    m = runs.pp_micro_batches // dp if pp > 1 else 1  # the 3D run: the same micro-batch size as PP 2
+    return scale.Layout(dp=dp, tp=dims.get("tp", 1), pp=pp, micro_batch=runs.batch_size // (dp * m), n_micro=m,
+                        recompute="none")
+
+
+def calibrate_cpu(res: dict, layouts: dict | None = None) -> dict:
+    """Fit (compute rate, per-step and per-pass overheads, α–β of collectives and of sends) on res["links"] and
+    res["compute"] and predict every
+    measured layout with course.simulate: {"fit": ..., "layouts": {name: (measured, predicted, error)}}."""
+    from . import costs, simulate
+    runs = res["runs"]
+    coll = fit_alpha_beta([x for x in res["links"] if x[0] != "send"])
+    p2p = fit_alpha_beta([x for x in res["links"] if x[0] == "send"])
+    flops = [(costs.korthikanti_flops(runs.block_size, b, runs.n_embd, runs.n_layer, runs.vocab_size), k, t)
+             for b, k, t in res["compute"]]
+    overhead, per_pass, rate = fit_compute(flops)
+    out = {"fit": {"collective": coll, "p2p": p2p, "rate": rate, "overhead": overhead, "pass_overhead": per_pass},
+           "layouts": {}}
+    for name, measured in res["layouts"].items():
+        dims = (layouts or CPU_LAYOUTS)[name]
+        lay = cpu_layout(runs, name, dims)
+        spec, cl = cpu_case(runs, rate, coll, p2p, lay)
+        sim = simulate.simulate(spec, cl, lay, efficiency=1.0, bytes_per_el=4, step_overhead=overhead,
+                                pass_overhead=per_pass, buckets=runs.dp_buckets, overlap_dp=CPU_OVERLAP.get(name, 1.0),
+                                scatter_gather=False)  # our pipeline sends whole activations from every tensor rank
+        out["layouts"][name] = (measured, sim.step, sim.step / measured - 1)
+    return out

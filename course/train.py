@@ -9,8 +9,8 @@ averages its gradients by the end of `loss.backward()` and offers `no_sync()` fo
 DistributedDataParallel and FSDP do), and builds its optimizer over whatever `model.parameters()`
 are (ZeRO's shards included). The loop only asks the model for three optional things:
 `no_sync()` (or FSDP2's `set_requires_gradient_sync`), `clip_grad_norm_(max_norm)` (sharded models
-sum their shards' squares across ranks) and, for the metrics, `flops_per_token` (looked up through
-wrappers' `.module`). Pass `comm` (a course.parallel.comm.Comm over the data-parallel ranks) to log
+sum their shards' squares across ranks), `make_optimizer(cfg)` when it must build its own (a 3D
+model's ZeRO-1) and, for the metrics, `flops_per_token` (looked up through wrappers' `.module`). Pass `comm` (a course.parallel.comm.Comm over the data-parallel ranks) to log
 the loss averaged over them.
 
 Everything a lesson needs to see is measured here and kept in a `History`: train and validation
@@ -24,6 +24,9 @@ before clipping and the update), "before_update" (after clipping: `state.grad_no
 loop; a hook may also set `state.skip = True` before the update (that step's update is not applied,
 as with on_nonfinite="skip") or change the optimizer's learning rate for this step (History.lr
 records the rate the update used). `course.stability` builds monitoring and anomaly policies on this.
+`resume`: a function resume(model, optimizer) -> (step, History) or None, called once after seeding
+and building the optimizer; it restores a saved state (`course.checkpoint.Checkpointer.resume`) and
+the loop continues at that step with that History.
 
 Schedules (`TrainConfig.schedule`, `lr_at`): every one warms up linearly over warmup_steps, then
 "cosine" (GPT-3, Brown et al. 2020 appendix B: cosine to 10% of the peak), "linear" decay to min_lr,
@@ -271,18 +274,23 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> float:
 
 
 def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainConfig, label: str = "",
-          optimizer: torch.optim.Optimizer | None = None, comm=None, hooks=()) -> History:
-    """Train in place; returns the History. batch_fn(split) -> (x, y) or (x, y, attn_mask)."""
+          optimizer: torch.optim.Optimizer | None = None, comm=None, hooks=(), resume=None) -> History:
+    """Train in place; returns the History. batch_fn(split) -> (x, y) or (x, y, attn_mask).
+    resume(model, optimizer) -> (step, History) | None: continue a saved run (see the module docstring)."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     torch.manual_seed(cfg.seed)
     device = _model_device(model)
-    opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
-    hist = History(label=label)
+    if optimizer is None:  # a model may bring its own (a 3D model's ZeRO-1 over its data ranks)
+        optimizer = model.make_optimizer(cfg) if hasattr(model, "make_optimizer") else make_optimizer(model, cfg)
+    opt = optimizer
+    hist, first = History(label=label), 0
+    if resume is not None and (found := resume(model, opt)) is not None:
+        first, hist = found  # model, optimizer, generators and data position restored by resume
     peak = peak_flops(device)
     flops_per_token = getattr(unwrap(model), "flops_per_token", None)
     model.train()
-    bar = progress_bar(range(cfg.max_steps), desc=label or "train", enabled=cfg.progress, unit="step")
+    bar = progress_bar(range(first, cfg.max_steps), desc=label or "train", enabled=cfg.progress, unit="step")
     start = time.perf_counter()
     for step in bar:
         if step % cfg.eval_interval == 0 or step == cfg.max_steps - 1:
@@ -336,5 +344,5 @@ def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainCo
             hook("after_step", state)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
     bar.close()
-    hist.elapsed_s = time.perf_counter() - start
+    hist.elapsed_s += time.perf_counter() - start
     return hist

@@ -454,6 +454,18 @@ def group_of_whole_world(rank, dims, dim):
     return list(range(math.prod(dims.values())))
 
 
+@wrong("08.tensor_inside_nodes", "can still cross a node boundary")
+def tensor_small_enough(dims, gpus_per_node):
+    return dims["tensor"] <= gpus_per_node  # ignores where the group's ranks are
+
+
+@wrong("08.tensor_inside_nodes", "can still cross a node boundary")
+def tensor_first_group_only(dims, gpus_per_node):
+    from course.parallel.mesh import Mesh
+    group = Mesh(**dims).groups("tensor")[0]
+    return len({r // gpus_per_node for r in group}) == 1  # the first group can be fine while others straddle
+
+
 # ----------------------------------------------------------------------------- 09 fault tolerance
 
 def _save(path, model, optimizer, step, generator, keep=("model", "optimizer", "step", "generator")):

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from course.costs import gpipe_bubble_fraction, megatron_bubble_ratio, pipeline_hop_elements, zb_h1_bubble_time
-from course.lessons.pipeline import comm_per_step, explore
+from course.lessons.pipeline import comm_per_step, explore, formula_ratio, unit_costs
 from course.parallel.schedules import (Action, Schedule, from_compute, gpipe, interleaved_1f1b, make, one_f_one_b,
                                        simulate, validate, zb_h1)
 
@@ -55,7 +55,7 @@ def test_interleaved_bubble_is_divided_by_v(p, m, v):
 
 @pytest.mark.parametrize("p,m", [(2, 2), (2, 8), (4, 4), (4, 8), (4, 16), (8, 8), (8, 24)])
 def test_zb_h1_idle_time_is_the_formula(p, m):
-    """Qi et al. 2023, section 3.1: idle time per rank (p-1)(F + I - W), a third of 1F1B's with F = I = W."""
+    """Qi et al. 2023, section 2.1 (ZB-H1): idle time per rank (p-1)(F + I - W), a third of 1F1B's with F = I = W."""
     for cost in (COST, {"F": 1.0, "B": 3.0, "I": 2.0, "W": 1.0}):
         tl = simulate(zb_h1(p, m), cost)
         assert tl.makespan - max(tl.busy) == zb_h1_bubble_time(p, cost["F"], cost["I"], cost["W"])
@@ -156,3 +156,14 @@ def test_pipeline_hop_vs_tensor_parallel_bytes():
     assert math.isclose(c["tensor_bytes"] / c["pipeline_bytes"], 4 * 2 * 7 / 8 * 96 / 2)
     with pytest.raises(ValueError, match="b must be a positive integer"):
         pipeline_hop_elements(0, 2048, 12288)
+
+
+@pytest.mark.parametrize("p,m", [(2, 2), (4, 4), (4, 8), (8, 16)])
+def test_the_lessons_formula_column_is_each_schedules_own(p, m):
+    """Lesson 07's table puts beside each schedule the bubble/ideal its paper gives; the simulator, which
+    knows only the per-action costs and the dependencies, must land on it (ZB-H1: for m >= p only)."""
+    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
+        sim = simulate(make(name, p, m, v), unit_costs(v))
+        assert math.isclose(sim.bubble_ratio, formula_ratio(name, p, m, v), rel_tol=1e-12), name
+    assert formula_ratio("zb-h1", p, m) == pytest.approx((p - 1) / (3 * m))  # Qi et al.: a third of 1F1B's
+    assert formula_ratio("zb-h1", 4, 2) is None  # m < p: the deferred W passes cannot fill the cool-down

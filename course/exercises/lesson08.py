@@ -75,3 +75,40 @@ def check_group_of(fn, rng, gen):
             raise Hint(f"{what} = {got}, expected {want}: the ranks that differ from rank {rank} only in their "
                        f"{dim!r} coordinate")
     return f"{checked} groups in {len(SHAPES)} meshes"
+
+
+NODE_CASES = [(dict(pipeline=2, data=2, tensor=2), 4), (dict(pipeline=2, data=2, tensor=2), 2),
+              (dict(data=2, tensor=4), 4), (dict(data=2, tensor=4), 2), (dict(data=4, tensor=3), 4),
+              (dict(data=4, tensor=3), 6), (dict(tensor=2, data=4), 4), (dict(tensor=2, data=4), 8),
+              (dict(pipeline=2, tensor=2, data=2), 4), (dict(pipeline=4, data=2, tensor=8), 8)]
+
+
+def _tensor_inside_nodes(dims, gpus_per_node):
+    return not Mesh(gpus_per_node=gpus_per_node, **dims).spans_nodes("tensor")
+
+
+@exercise("08", "tensor_inside_nodes", solution=_tensor_inside_nodes)
+def check_tensor_inside_nodes(fn, rng, gen):
+    """tensor_inside_nodes(dims, gpus_per_node) -> True when every tensor group's ranks are on one node
+    (torchrun's numbering: ranks 0..g-1 on node 0, g..2g-1 on node 1, ...). The check that
+    course.parallel.threed.make_mesh makes before a 3D run starts."""
+    for dims, g in NODE_CASES:
+        what = f"tensor_inside_nodes({dims}, gpus_per_node={g})"
+        got = call(fn, dict(dims), g, describe=what)
+        mesh = Mesh(gpus_per_node=g, **dims)
+        want = not mesh.spans_nodes("tensor")
+        if not isinstance(got, bool):
+            raise Hint(f"{what} should return True or False, got {got!r}")
+        if got == want:
+            continue
+        spanning = [grp for grp in mesh.groups("tensor") if len({mesh.node_of(r) for r in grp}) > 1]
+        group = spanning[0] if spanning else None
+        if not want and dims["tensor"] <= g:
+            nodes = sorted({mesh.node_of(r) for r in group})
+            raise Hint(f"{what} = True, but the tensor group {group} sits on nodes {nodes}: a group no larger than a "
+                       f"node can still cross a node boundary (its ranks are spaced "
+                       f"{group[1] - group[0]} apart, or tp does not divide gpus_per_node)")
+        if not want:
+            raise Hint(f"{what} = True, but tensor group {group} has more ranks than a node has GPUs")
+        raise Hint(f"{what} = False, but every tensor group is inside a node: {mesh.groups('tensor')}")
+    return f"{len(NODE_CASES)} layouts"

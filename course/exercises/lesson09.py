@@ -6,8 +6,8 @@ The check trains a small float64 model 6 steps straight, and again for 3 steps, 
 FRESH objects (other initial weights, another generator seed) and trains 3 more: the final weights
 must be bit-identical, because the same float64 operations then run in the same order.
 
-REFERENCE WRITTEN HERE: `_save_checkpoint` / `_load_checkpoint` below (torch.save of state dicts).
-When lesson 09's library module lands, point the reference at it.
+The reference is the library's: `course.checkpoint.save` / `load` (whole state, written atomically with
+a SHA-256 checksum); the data generator goes in as its `data` position.
 """
 from __future__ import annotations
 
@@ -21,18 +21,15 @@ from .core import Hint, call, exercise
 
 
 def _save_checkpoint(path, model, optimizer, step, generator):
-    """Reference solution."""
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "generator": generator.get_state()}, path)
+    """Reference solution: course.checkpoint.save with the generator as the data position."""
+    from course import checkpoint
+    checkpoint.save(path, model, optimizer, step=step, data=generator)
 
 
 def _load_checkpoint(path, model, optimizer, generator):
-    """Reference solution: restore in place, return the step to continue from."""
-    state = torch.load(path, weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    return state["step"]
+    """Reference solution: restore in place (and every global generator), return the step to continue from."""
+    from course import checkpoint
+    return checkpoint.load(path, model, optimizer, data=generator)["step"]
 
 
 def _setup(seed_model, seed_data):

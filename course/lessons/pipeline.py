@@ -9,7 +9,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 
-from ..costs import gpipe_bubble_fraction, megatron_bubble_ratio, pipeline_hop_elements, ring_bytes
+from ..costs import gpipe_bubble_fraction, megatron_bubble_ratio, pipeline_hop_elements, ring_bytes, zb_h1_bubble_time
 from ..parallel import launch
 from ..parallel.pipeline import timeline
 from ..parallel.schedules import SCHEDULES, make, simulate
@@ -23,6 +23,19 @@ def unit_costs(v: int = 1, layers_per_rank: int = 1) -> dict:
     """Per-action costs of one chunk in units of one layer's forward: B = 2F, I = W = F (Qi et al. 2023)."""
     per = layers_per_rank / v
     return {"F": per, "B": 2 * per, "I": per, "W": per}
+
+
+def formula_ratio(name: str, p: int, m: int, v: int = 1) -> float | None:
+    """Bubble over ideal time (idle / busy per rank) that the schedule's paper gives, at unit_costs(v):
+    (p-1)/m for GPipe and 1F1B, (p-1)/(vm) interleaved (Narayanan et al. 2021, section 2.2); ZB-H1's idle
+    time (p-1)(F+I-W) over its busy time m(F+I+W) (Qi et al. 2023, section 2.1), None when m < p, where the
+    deferred W passes are too few to fill the cool-down and the formula does not hold."""
+    if name == "zb-h1":
+        if m < p:
+            return None
+        c = unit_costs()
+        return zb_h1_bubble_time(p, c["F"], c["I"], c["W"]) / (m * (c["F"] + c["I"] + c["W"]))
+    return megatron_bubble_ratio(p, m, v if name == "interleaved" else 1)
 
 
 def plot_gantt(tl, ax=None, title: str | None = None, scale: float = 1.0, unit: str = "time", v: int = 1):

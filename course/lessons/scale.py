@@ -266,7 +266,14 @@ def planner(efficiency: float = 0.5):
         except ValueError as e:
             print(f"not possible: {e}")
     from ..scale_presets import GPT3_TABLE
-    return w.interactive(show, model=list(GPT3_TABLE), node=list(NODES), nodes=w.IntSlider(128, 1, 1024),
-                         tp=[1, 2, 4, 8, 16], pp=[1, 2, 4, 8, 12, 16, 24, 32, 48, 96], v=[1, 2, 3, 4],
-                         micro_batch=[1, 2, 4, 8], batch=w.IntText(1536), zero=[0, 1, 2, 3],
-                         recompute=list(scale.RECOMPUTE), sp=True)
+    d = describe.__defaults__  # the widget starts on describe's defaults: the standard 175B layout
+    start = dict(zip(describe.__code__.co_varnames[:len(d)], d))
+
+    def pick(name, options):
+        return w.Dropdown(options=options, value=start[name], description=name)
+    return w.interactive(show, model=pick("model", list(GPT3_TABLE)), node=pick("node", list(NODES)),
+                         nodes=w.IntSlider(start["nodes"], 1, 1024), tp=pick("tp", [1, 2, 4, 8, 16]),
+                         pp=pick("pp", [1, 2, 4, 8, 12, 16, 24, 32, 48, 96]), v=pick("v", [1, 2, 3, 4]),
+                         micro_batch=pick("micro_batch", [1, 2, 4, 8]), batch=w.IntText(start["batch"]),
+                         zero=pick("zero", [0, 1, 2, 3]), recompute=pick("recompute", list(scale.RECOMPUTE)),
+                         sp=start["sp"])

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import check_tokens
+from ..model import check_tokens, run_blocks
 from .comm import Comm
 from .schedules import COMPUTE, Action, Schedule, Timeline, forward_only, validate
 
@@ -123,6 +123,7 @@ class Stage(nn.Module):
             self.ln_f, self.head_transform = copy.deepcopy(model.ln_f), copy.deepcopy(model.head_transform)
             self.lm_head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
             self.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # this rank's copy of wte
+        self.runner = run_blocks  # the model's seam for the blocks: a recomputation policy installs its own
         self.store = WeightGradStore()
         if split_backward:
             for parent in list(self.modules()):
@@ -137,11 +138,15 @@ class Stage(nn.Module):
             if x.size(1) > self.block_size:
                 raise ValueError(f"sequence length {x.size(1)} exceeds block_size={self.block_size}")
             x = self.drop(self.wte(x) + self.wpe(torch.arange(x.size(1), device=x.device)))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)  # (B, T, C)
+        x = self.runner(self.blocks, x)  # (B, T, C)
         if self.is_last:
             x = self.lm_head(self.head_transform(self.ln_f(x)))  # (B, T, V)
         return x
+
+    def loss(self, logits, targets, n_tokens):
+        """This micro-batch's share of the batch's mean loss: its summed cross-entropy / all target tokens."""
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100,
+                               reduction="sum") / n_tokens
 
     def full_name(self, name: str) -> str:
         """This stage's parameter name in the unsplit model ("blocks.0.x" -> "blocks.<layer>.x")."""
@@ -235,6 +240,7 @@ def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, act
     n_tokens = (targets != -100).sum()
     one = next(iter(stages.values()))
     shape, dtype = (idx.size(0) // m, idx.size(1), one.blocks[0].ln_1.weight.size(0)), one.blocks[0].ln_1.weight.dtype
+    device = one.blocks[0].ln_1.weight.device  # receive buffers where the stage computes (a GPU under NCCL)
     memory = ActivationMemory([q for st in stages.values() for q in st.parameters()])
     grad = torch.is_grad_enabled()
     for st in stages.values():
@@ -245,11 +251,13 @@ def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, act
         key, st = (a.stage, a.mb), stages.get(a.stage)
         if a.kind == "RECV_F":  # from the previous stage's SEND_F, tagged as that send
             with comm.span("wait", str(a)):
-                x = _recv(comm, torch.empty(shape, dtype=dtype), schedule.rank_of(a.stage - 1), _tag(a, m))
+                x = _recv(comm, torch.empty(shape, dtype=dtype, device=device), schedule.rank_of(a.stage - 1),
+                          _tag(a, m))
             inputs[key] = x.requires_grad_(grad)
         elif a.kind == "RECV_B":
             with comm.span("wait", str(a)):
-                grads[key] = _recv(comm, torch.empty(shape, dtype=dtype), schedule.rank_of(a.stage + 1), _tag(a, m))
+                grads[key] = _recv(comm, torch.empty(shape, dtype=dtype, device=device),
+                                   schedule.rank_of(a.stage + 1), _tag(a, m))  # no name bound: freed when used
         elif a.kind.startswith("SEND"):
             if a.kind == "SEND_F":
                 t, to = (outputs[key].detach() if grad else outputs.pop(key)), Action(a.stage + 1, "RECV_F", a.mb)
@@ -265,8 +273,7 @@ def run_schedule(stages: dict, schedule: Schedule, comm: Comm, idx, targets, act
                     with memory.recording(key) if grad else contextlib.nullcontext():
                         out = st(xs[a.mb] if st.is_first else inputs[key])
                         if st.is_last:
-                            out = F.cross_entropy(out.view(-1, out.size(-1)), ys[a.mb].view(-1), ignore_index=-100,
-                                                  reduction="sum") / n_tokens
+                            out = st.loss(out, ys[a.mb], n_tokens)
                             loss += out.item()
                     if grad or not st.is_last:
                         outputs[key] = out
@@ -360,13 +367,17 @@ class PipelineModel(nn.Module):
         self.last = run_schedule(stages, sched if grad else forward_only(sched.p, sched.m, sched.v), self.comm,
                                  idx, targets)
         if grad:
-            sync_tied_grads(stages, self.comm, sched.n_stages)
-        loss = torch.tensor([self.last.loss or 0.0], dtype=params[0].dtype)
+            self.sync_grads(stages)
+        loss = torch.tensor([self.last.loss or 0.0], dtype=params[0].dtype, device=params[0].device)
         self.comm.broadcast(loss, src=sched.p - 1, name="loss")
         new = [(q, q.grad) for q in params if q.grad is not None]
         for q, old in zip(params, before):
             q.grad = old
         return None, (_Deliver.apply(self._anchor, loss[0], new) if grad else loss[0])
+
+    def sync_grads(self, stages: dict) -> None:
+        """After the schedule: the tied embedding's two gradients summed (a 3D model adds data parallelism)."""
+        sync_tied_grads(stages, self.comm, self.schedule.n_stages)
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """torch's clip_grad_norm_ over the whole pipeline: squares summed over ranks (the head's copy
@@ -374,7 +385,8 @@ class PipelineModel(nn.Module):
         key = str(self.schedule.n_stages - 1)
         head = self.stages[key].lm_head.weight if key in self.stages else None
         grads = [q.grad for q in self.parameters() if q.grad is not None and q is not head]
-        sq = torch.tensor([sum(float((g.double() ** 2).sum()) for g in grads)], dtype=torch.float64)
+        sq = torch.tensor([sum(float((g.double() ** 2).sum()) for g in grads)], dtype=torch.float64,
+                          device=next(self.parameters()).device)
         self.comm.all_reduce(sq, name="grad norm")
         norm = math.sqrt(sq.item())
         coef = min(1.0, max_norm / (norm + 1e-6))

@@ -29,7 +29,7 @@ waits for a message no rank will send.
 - Interleaved 1F1B (the same paper, section 2.2.2): v chunks per rank, bubble (p-1)/(v·m) of the
   ideal time, needs m to be a multiple of p; rank 0 holds up to v·p + p - 1 chunks, i.e.
   p + (p-1)/v micro-batches' worth (Korthikanti et al. 2022, section 4.2.3: a factor 1 + (p-1)/(pv)).
-- ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", section 3.1): 1F1B with B split into
+- ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", section 2.1): 1F1B with B split into
   I and W; the W passes, which nothing waits for, fill the bubbles. Idle time per rank
   (p-1)(T_F + T_I - T_W) instead of 1F1B's (p-1)(T_F + T_I + T_W); at most p micro-batches live.
 """
@@ -180,7 +180,7 @@ def interleaved_1f1b(p: int, m: int, v: int) -> Schedule:
 
 
 def zb_h1(p: int, m: int) -> Schedule:
-    """ZB-H1 (Qi et al. 2023, section 3.1): 1F1B's forwards and input-gradient passes I, with rank r
+    """ZB-H1 (Qi et al. 2023, section 2.1): 1F1B's forwards and input-gradient passes I, with rank r
     running its weight passes W r micro-batches late, so that they fill the cool-down bubble while
     the I passes, which the previous stage waits for, go first. PyTorch's ZB1P order for v = 1."""
     _check(p, m, 1)

@@ -32,3 +32,18 @@ def group_of(rank, dims, dim):
 
 
 ok = ex.check_group_of(group_of)
+
+# %% [markdown]
+# **3. Does every tensor group stay on one node?** With torchrun's numbering, node 0 holds ranks
+# 0..g−1, node 1 ranks g..2g−1, and so on (g GPUs per node). Tensor parallelism talks in every layer,
+# so a 3D run refuses a layout whose tensor group would cross nodes (`course.parallel.threed.make_mesh`).
+# Use `group_of`'s idea: build the tensor groups, then look at `rank // gpus_per_node`.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def tensor_inside_nodes(dims, gpus_per_node):
+    """-> True if every tensor group's ranks are on one node."""
+    raise NotImplementedError  # your code here
+
+
+ok = ex.check_tensor_inside_nodes(tensor_inside_nodes)

@@ -6,8 +6,10 @@
 #
 # - **Tensor parallelism** (Megatron-LM, Shoeybi et al. 2019): a layer's matrix multiplies are cut by
 #   columns and rows, attention by heads, the vocabulary by rows; two all-reduces per block and direction.
-# - **Sequence parallelism** (Korthikanti et al. 2022): the same bytes, but the LayerNorms and dropouts
-#   between the matrix multiplies run on 1/t of the tokens: every activation is divided by t.
+# - **Sequence parallelism** (Korthikanti et al. 2022, §4.2.2): each all-reduce becomes a reduce-scatter
+#   and an all-gather of the same bytes (plus, in Megatron-LM's form, one all-gather again in backward),
+#   and the LayerNorms and dropouts between the matrix multiplies run on 1/t of the tokens: every
+#   activation is divided by t.
 # - **Context parallelism**: the sequence itself is split; attention, the one part that mixes tokens,
 #   runs as a ring (Liu et al. 2023) or by all-to-all (DeepSpeed-Ulysses, Jacobs et al. 2023).
 #
@@ -133,9 +135,10 @@ display(Markdown(
 # %% [markdown]
 # ## 3. Sequence parallelism: the activations between the linears, divided by t
 #
-# Under tensor parallelism the LayerNorms, dropouts and residual adds run on the whole (B, T, C)
-# activation on every rank: Korthikanti et al. 2022 (Table 2) count sbh(10 + 24/t + 5as/(ht)) bytes
-# per layer, where the 10·sbh is *not* divided by t. Sequence parallelism splits those tokens too:
+# Under tensor parallelism the LayerNorms and dropouts run on the whole (B, T, C) activation on every
+# rank: Korthikanti et al. 2022 (§4.2.1, Table 2) count sbh(10 + 24/t + 5as/(ht)) bytes per layer, where
+# the 10·sbh is *not* divided by t: the two LayerNorms' inputs (4sbh), their outputs, which are the inputs
+# of the two column-parallel linears (4sbh), and the two dropout masks (2sbh) (§4.1, §4.2.1–4.2.2). Sequence parallelism splits those tokens too:
 # sbh/t·(34 + 5as/h). Measured on each rank (what autograd saves, `course.measure.saved_tensors`,
 # float32, dropout 0.1) against `course.costs.tensor_parallel_layer_bytes`, the same accounting
 # for this course's block (it reproduces the paper's table in the paper's setting: test_tensor_parallel):
@@ -200,9 +203,9 @@ print("bytes per layer counted on both ranks = formula for tensor, sequence, dat
 # toy width the parameters are few; at GPT-3's they are not. What decides where each one can run is
 # the link. NVIDIA's data sheets: a DGX A100 joins its 8 GPUs by NVLink at 600 GB/s per GPU (both
 # directions together) and the servers by one 200 Gb/s HDR InfiniBand NIC per GPU (`course.costs.LINKS`).
-# One GPT-3 layer (Brown et al. 2020: h = 12288, 96 heads, 2048 tokens), one sequence per
-# micro-batch, 16-bit, beside the layer's compute time at the A100's peak (312 TFLOP/s; real runs
-# reach about half):
+# One GPT-3 layer (Brown et al. 2020, Table 2.1: h = 12288, 96 heads, 2048 tokens), one sequence per
+# micro-batch, 16-bit, beside the layer's compute time at the A100's peak (312 TFLOP/s dense bf16; Megatron-LM's
+# runs reach 43–52% of it end to end, Narayanan et al. 2021, Table 1):
 
 # %%
 rows = mp.gpt3_layer_table()
@@ -219,7 +222,7 @@ display(Markdown(
     f"optimizer step, against {dp['ms of compute at peak']:,.0f} ms of that step's computation per layer "
     f"({dp[ib] / dp['ms of compute at peak']:.0%} on InfiniBand), and they overlap with backward. This is why "
     f"Megatron-LM puts tensor parallelism inside a node and pipeline and data parallelism across nodes "
-    f"(Narayanan et al. 2021, section 3)."))
+    f"(Narayanan et al. 2021, §3.2, takeaway #1)."))
 
 # %% [markdown]
 # **A correction to the essay this course grew from.** It says GPT-3 was trained "data parallel inside
@@ -327,19 +330,26 @@ for d in dense:
 longest = dense[-1], four.values[0]["memory"]["zigzag"][-1]
 print(f"T={longest[0]['T']}: peak per rank of 4 / one rank's peak = {longest[1]['peak'] / longest[0]['peak']:.3f}")
 assert longest[1]["peak"] <= (1 / 4 + 0.10) * longest[0]["peak"]
+print("(below 1/4: one rank writing attention out keeps the T×T weights, which grow as T², the ring keeps none)")
 
 # %% [markdown]
 # **Ulysses** (Jacobs et al. 2023) splits the same way but trades tokens for heads with an all-to-all
 # before attention (each rank then holds the whole sequence for H/N heads, and any attention core runs
-# unchanged, block-sparse included) and back after. Its bytes per rank shrink as 1/N (section 4's
-# figure); the price is that N must divide the number of heads, and each rank still holds T×T scores for
-# its heads unless the core is a fused one. It is tested beside the ring in `tests/test_context_parallel.py`.
+# unchanged, block-sparse included) and back after. Its bytes per rank shrink as 1/N at a fixed length
+# (Jacobs et al. 2023, §3.2: 4·T·h/N per link and layer for sequence length T; section 4 shows N = 2 only); the
+# price is that N cannot exceed the number of heads (the paper's version needs N to divide them), and each
+# rank still holds T×T scores for its heads unless the core is a fused one. It is tested beside the ring in
+# `tests/test_context_parallel.py`.
 #
 # ## What a CPU cannot show
 #
-# - **Bandwidth and overlap.** gloo moves bytes through one machine's memory; the counts are what real
-#   links move, the times are not. On GPUs, Megatron-LM overlaps tensor-parallel communication only
-#   partly (it is on the critical path), while ring attention hides its hops behind each step's
+# - **Bandwidth and overlap.** gloo moves bytes through one machine's memory; the counts are those of the
+#   ring algorithm for the tensors each rank hands to the collective (`course.parallel.comm`), the times are
+#   not a network's. On GPUs, tensor parallelism's all-reduces sit between the matmuls on the critical
+#   path (Shoeybi et al. 2019, §3); Megatron-LM hides only some of it: sequence parallelism's extra
+#   all-gather in backward overlaps the computation of the input's gradient (Korthikanti et al. 2022,
+#   §4.2.2; `LinearWithGradAccumulationAndAsyncCommunication` in `megatron/core/tensor_parallel/layers.py`),
+#   while ring attention hides its hops behind each step's
 #   computation when the block is large enough (Liu et al. 2023, section 3).
 # - **Kernels.** Each ring step here writes out one tile's scores; a GPU implementation calls a fused
 #   flash-attention kernel per step, so even the transient tile stays small.
@@ -364,7 +374,8 @@ if ref is not None and "measured" in ref:
 # - Tensor parallelism's bytes grow with the tokens and block every layer: NVLink, not InfiniBand
 #   (section 4); GPT-3 used model parallelism within each matrix multiply and across layers (§2.3).
 # - Ring attention splits the sequence, merges partial softmaxes exactly, balances causal work by the
-#   zig-zag split, and keeps 1/N of the memory per rank (section 5).
+#   zig-zag split, and keeps per rank only its T/N tokens' queries, keys, values, outputs and one
+#   log-sum-exp per row, never a T×T tensor (section 5).
 #
 # ## Your turn
 #

@@ -16,8 +16,11 @@
 # 3. **simulated** from per-action costs by `course.parallel.schedules.simulate`, and
 # 4. **drawn** as a Gantt chart, measured and simulated side by side.
 #
-# We build GPipe (Huang et al. 2019), 1F1B (PipeDream-Flush; Narayanan et al. 2021), interleaved 1F1B
-# (Narayanan et al. 2021) and ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"), and put
+# We build GPipe (Huang et al. 2019); 1F1B, whose one-forward-one-backward order comes from PipeDream
+# (Narayanan et al. 2019) and whose flushed, synchronous form is PipeDream-Flush (Narayanan et al. 2021,
+# "Memory-Efficient Pipeline-Parallel DNN Training"), the schedule Megatron-LM uses (Narayanan et al. 2021,
+# "Efficient Large-Scale Language Model Training on GPU Clusters", §2.2.1); interleaved 1F1B (the same
+# Megatron-LM paper, §2.2.2); and ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"), and put
 # PyTorch's own `torch.distributed.pipelining` beside them. From a shell the same experiments start
 # with `torchrun --standalone --nproc-per-node=2 -m course.parallel.pp_experiments`.
 
@@ -28,7 +31,7 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
-from course.costs import gpipe_bubble_fraction, megatron_bubble_ratio, zb_h1_bubble_time
+from course.costs import LINKS, link_seconds, megatron_bubble_ratio, zb_h1_bubble_time
 from course.device import profile
 from course.lessons import pipeline as L
 from course.parallel.pipeline import Stage
@@ -48,7 +51,8 @@ print(prof, "\n", TIMING, "\n", NAIVE, sep="")
 # `Stage(model, s, S)` copies layers s·L/S … (s+1)·L/S − 1 of the shared `Transformer` (which is not
 # changed); stage 0 also gets the token and position embeddings, the last stage the final LayerNorm
 # and the head. GPT-2 ties the head's weight to the token embedding; those now live on different
-# ranks, so each keeps a copy and their two gradients are summed after every step, as Megatron-LM does.
+# ranks, so each keeps a copy and their two gradients are summed before every optimizer step, as
+# Megatron-LM does (`_allreduce_word_embedding_grads` in `megatron/core/distributed/finalize_model_grads.py`).
 # Running the stages one after another is the model:
 
 # %%
@@ -110,7 +114,7 @@ except ValueError as e:
 # I, W of a split backward), twice that for a full backward, by sleeping after its real compute (a
 # tiny model, far shorter). A sleeping rank does not use a core, so four ranks on two cores still show
 # the schedule and not the CPU's contention; the actions whose compute ran past the pad are counted.
-Of two runs of each case, the one with the shorter step is kept.
+# Of two runs of each case, the one with the shorter step is kept.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -178,13 +182,15 @@ fig.tight_layout(rect=(0, 0.04, 1, 1))
 # - **ZB-H1** splits each backward into I (gradient with respect to the stage's input, which the
 #   previous stage waits for) and W (gradients of the weights, which nobody waits for). Rank r runs its
 #   W passes r micro-batches late, so they fill the cool-down: idle time per rank
-#   (p − 1)(F + I − W) instead of (p − 1)(F + I + W) (Qi et al. 2023, section 3.1).
+#   (p − 1)(F + I − W) instead of (p − 1)(F + I + W), for m ≥ p (Qi et al. 2023, §2.1, Figure 3 and Table 2; with
+#   F = I = W a third of 1F1B's).
 
 # %% [markdown]
 # ## 6. Bubble against the number of micro-batches
 #
 # The plot shows the **idle share** (GPipe's normalization) for every measured case, the simulated one
-# as crosses, and GPipe's formula (p − 1)/(m + p − 1) as a line; the table gives both normalizations,
+# as crosses, and GPipe's formula (p − 1)/(m + p − 1) as a line (it holds for GPipe and 1F1B only); the
+# table gives both normalizations, each beside the formula of *that* schedule,
 # and a third timeline: the simulator **replaying** the run, given every action's measured duration and
 # the measured link. A replay can only be earlier than the run (each measured action already waited for
 # its predecessor and its message), and the difference is time lost between actions on this machine.
@@ -197,22 +203,30 @@ ax.set_title(f"p = {P}: idle share of one step, measured on gloo ranks vs simula
 # %%
 # NBVAL_IGNORE_OUTPUT
 replays = {k: L.replay(c["timeline"], make(k[0], P, k[1], k[2]), run["link_s"]) for k, c in run["cases"].items()}
-rows = ["| schedule | m | idle share: measured | replay | simulated | (p−1)/(m+p−1) | bubble/ideal: measured | "
-        "simulated | Megatron (p−1)/(vm) |", "|---|---|---|---|---|---|---|---|---|"]
+rows = ["| schedule | m | idle share: measured | replay | simulated | formula | bubble/ideal: measured | "
+        "simulated | formula |", "|---|---|---|---|---|---|---|---|---|"]
 for (name, m, v), c in run["cases"].items():
-    tl, sm = c["timeline"], sim[(name, m, v)]
+    tl, sm, r = c["timeline"], sim[(name, m, v)], L.formula_ratio(name, P, m, v)
+    share = "—" if r is None else f"{r / (1 + r):.3f}"  # idle / (busy + idle) from idle / busy
     rows.append(f"| {L.TITLES[name]}{' v=2' if v > 1 else ''} | {m} | {tl.bubble:.3f} | {replays[(name, m, v)].bubble:.3f} | "
-                f"{sm.bubble:.3f} | {gpipe_bubble_fraction(P, m):.3f} | {tl.bubble_ratio:.3f} | {sm.bubble_ratio:.3f} | "
-                f"{megatron_bubble_ratio(P, m, v):.3f} |")
+                f"{sm.bubble:.3f} | {share} | {tl.bubble_ratio:.3f} | {sm.bubble_ratio:.3f} | "
+                f"{'—' if r is None else f'{r:.3f}'} |")
 load = os.getloadavg()[0]
-display(Markdown("\n".join(rows) + f"\n\nLoad average while this ran: {load:.1f} on {os.cpu_count()} cores."))
+gap, worst = max((c["timeline"].bubble - sim[k].bubble, k) for k, c in run["cases"].items())
+display(Markdown("\n".join(rows) + f"\n\nFormulas: (p−1)/m for GPipe and 1F1B, (p−1)/(vm) interleaved (Narayanan et al. "
+                 f"2021, §2.2), (p−1)(F+I−W)/(m(F+I+W)) for ZB-H1 with m ≥ p (Qi et al. 2023, §2.1 and §2.3 "
+                 f"Table 2; — where m < p); "
+                 f"idle share = ratio/(1 + ratio). The measured idle share exceeds the simulated one by at most "
+                 f"{gap:.3f} ({L.TITLES[worst[0]]}, m = {worst[1]}). Load average while this ran: {load:.1f} on "
+                 f"{os.cpu_count()} cores."))
 
 # %% [markdown]
-# In the simulated columns GPipe and 1F1B follow their formula, interleaving halves Megatron's ratio (the
-# formula column uses v = 2 there), and ZB-H1's formula is not (p − 1)/m: with F = I = W its idle time is
-# a third of 1F1B's. The measured columns follow them on a quiet machine; when other processes keep the
-# two cores busy, every wake-up of a rank comes late, the replay column shows how much of that is in the
-# actions themselves, and the rest is lost between actions. `benchmarks/pipeline.py` holds the ±10%
+# In the simulated columns every schedule follows its own formula: interleaving halves Megatron's ratio,
+# and ZB-H1's idle time is a third of 1F1B's with F = I = W once m ≥ p (below that there are not enough
+# deferred W passes to fill the cool-down). The measured columns sit above the simulated ones by the gap
+# printed under the table: every wake-up of a rank comes late, more so when other processes keep the two
+# cores busy; the replay column shows how much of that is in the actions themselves, and the rest is lost
+# between actions. `benchmarks/pipeline.py` holds the ±10%
 # comparison of measured, simulated and formula at p = 2 and 4.
 
 # %%
@@ -333,17 +347,21 @@ print(f"1F1B p={P} m=8: bytes sent per rank {c['sent_bytes']} = sends {sends} x 
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-gpt3 = L.comm_per_step(b=1, s=2048, h=12288, n_layer=96, ranks=8, m=1)  # GPT-3 175B sizes, bf16
+gpt3 = L.comm_per_step(b=1, s=2048, h=12288, n_layer=96, ranks=8, m=1)  # GPT-3 175B sizes, 16-bit
+hdr = "InfiniBand HDR (DGX A100, between nodes)"
 display(Markdown(
-    f"At GPT-3's sizes (s = 2048, h = 12288, 96 layers, bf16, one sequence per micro-batch) a hop is "
+    f"At GPT-3's sizes (s = 2048, h = 12288, 96 layers, 16-bit, one sequence per micro-batch) a hop is "
     f"{gpt3['hop_bytes'] / 1e6:.0f} MB. Split over 8 ranks as a pipeline, a rank sends "
     f"{gpt3['pipeline_bytes'] / 1e6:.0f} MB per micro-batch; as 8-way tensor parallelism, "
     f"{gpt3['tensor_bytes'] / 1e9:.1f} GB, {gpt3['tensor_bytes'] / gpt3['pipeline_bytes']:.0f}× more, and inside "
     f"every layer where it cannot wait. That is why Megatron-LM keeps tensor parallelism inside a server "
     f"(NVLink) and lets pipeline parallelism cross servers (InfiniBand), with data parallelism outside both "
-    f"(Narayanan et al. 2021, section 3.2, takeaway 1). The price of the pipeline is the bubble, which needs "
-    f"m ≫ p micro-batches per step, or interleaving (more messages) or zero-bubble schedules (more memory "
-    f"held for the W passes) to shrink."))
+    f"(Narayanan et al. 2021, section 3.2, takeaway 1). One hop takes "
+    f"{link_seconds(gpt3['hop_bytes'], hdr) * 1e3:.1f} ms on one {LINKS[hdr] * 8 / 1e9:.0f} Gb/s HDR InfiniBand "
+    f"link, one per GPU in a DGX A100. The price of the pipeline is the bubble, which needs m ≫ p micro-batches "
+    f"per step, or interleaving (v times the messages) or zero-bubble schedules to shrink: ZB-H1 keeps 1F1B's "
+    f"peak (Qi et al. 2023, Table 2: p·M_B), which here every rank reaches (section 7); ZB-H2 removes the bubble "
+    f"for up to 2p − 1 micro-batches in flight (Qi et al. 2023, §2.2)."))
 
 # %% [markdown]
 # ## What this CPU cannot show
@@ -351,9 +369,9 @@ display(Markdown(
 # - **Real stage times.** Four ranks share two cores here, so compute slows down whenever two ranks
 #   compute at once; that is why the schedule comparison pads every action to a fixed time. On GPUs
 #   each stage has its own device and the measured bubble follows the same formulas with real kernels.
-# - **Links.** gloo moves activations through this machine's memory in well under a millisecond; between
-#   servers a 50 MB hop over a 50 GB/s InfiniBand link takes about a millisecond, which the simulator's
-#   `link` cost models (try it in `explore(link=...)`).
+# - **Links.** gloo moves activations through this machine's memory (the link time printed in section 3);
+#   between servers a GPT-3 hop takes milliseconds (section 10), which the simulator's `link` cost models
+#   (try it in `explore(link=...)`).
 # - **Memory pressure.** The activation bytes are measured exactly, but nothing here runs out of memory.
 #
 # Recorded GPU runs of `benchmarks/pipeline.py`, if any:

@@ -16,14 +16,17 @@
 # to train. It has one free parameter, the fraction of peak FLOP/s the matrix multiplies reach, and we
 # fit it on **one** published run and check the planner against the others.
 #
-# What you will see: (1) the published numbers the planner reproduces; (2) GPT-3's memory per GPU
-# under several layouts; (3) why tensor parallelism stops at 8 (a node); (4) the story's layout against
-# the standard one, with numbers; (5) the calibration against Megatron-LM's measured throughput;
-# (6) scaling curves and strong scaling; (7) a layout search and a planner widget.
+# What you will see: (0) first, a real 3D-parallel run (data × pipeline × tensor = 2 × 2 × 2 on 8 CPU
+# processes), equal to one process; (1) the published numbers the planner reproduces; (2) the
+# calibration on one published run; (3) GPT-3's memory per GPU under several layouts; (4) why tensor
+# parallelism stops at 8 (a node); (5) the story's layout against the standard one, with numbers;
+# (6) scaling curves and strong scaling; (6b) one iteration simulated as events and drawn, and the
+# simulator calibrated on our own CPU runs; (7) a layout search and a planner widget.
 #
-# The library: `course/scale.py` (the planner), `course/scale_presets.py` (models, GPUs, nodes and
-# published results, each with its source), `course/scale_calibration.py`, `course/lessons/scale.py`
-# (this lesson's figures).
+# The library: `course/parallel/threed.py` (the 3D run), `course/scale.py` (the planner),
+# `course/scale_presets.py` (models, GPUs, nodes and published results, each with its source),
+# `course/scale_calibration.py`, `course/simulate.py` (the step-time simulator), `course/lessons/scale.py`,
+# `course/lessons/threed.py` and `course/lessons/simulate.py` (this lesson's figures).
 
 # %%
 import matplotlib.pyplot as plt
@@ -44,6 +47,82 @@ print(prof)
 for cl in (a100, v100):
     print(f"{cl.name}: {cl.world} x {cl.gpu.source}; NVLink {cl.intra_bw / GB:.0f} GB/s and InfiniBand "
           f"{cl.inter_bw / GB:.2f} GB/s per GPU each way")
+
+# %% [markdown]
+# ## 0. First, for real: a 3D-parallel run on 8 CPU ranks
+#
+# Before planning a thousand GPUs, the composition itself, for real: the course's transformer trained
+# with data × pipeline × tensor parallelism = 2 × 2 × 2 on 8 CPU processes (gloo), by the one loop
+# (`course.train.train`). `parallelize` applies the techniques in its fixed order: tensor parallelism
+# (chapter 06) splits every matrix over the 2 ranks of a tensor group, recomputation wraps the blocks,
+# the model is cut into 2 pipeline stages run by 1F1B with 2 micro-batches (chapter 07), and the
+# gradients are averaged over the 2 data-parallel replicas, optionally with ZeRO-1 (PyTorch's
+# `ZeroRedundancyOptimizer`: each replica keeps the AdamW state of half the parameters). The code is
+# `course/parallel/threed.py`:
+#
+# ```python
+# mesh = make_mesh(dp=2, pp=2, tp=2, gpus_per_node=4)        # Mesh(pipeline=2, data=2, tensor=2)
+# plan = Plan(tensor_parallel=True, pipeline="1f1b", micro_batches=2, recompute="full", shard="zero1")
+# hist = train(parallelize(Transformer(cfg), plan, mesh=mesh), batch_fn, cfg, comm=mesh.comm("data"))
+# ```
+#
+# The ranks are numbered as Megatron-LM numbers them: tensor fastest, then data, then pipeline. torchrun
+# numbers ranks node by node, so with 4 ranks per node every tensor group, which communicates inside every
+# layer, stays inside a node, and the pipeline groups, which pass one activation per micro-batch, cross
+# between nodes: the placement Narayanan et al. (2021, §3.2, takeaway #1) recommend, tensor parallelism
+# up to the GPUs of a server and pipeline parallelism across servers.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from course.lessons import threed as l3
+
+values = l3.run_lesson()  # 8 spawned processes, two cases: plain, and recomputation + ZeRO-1
+rows = l3.summary_rows(values)
+l3.draw_grid(values[0][0], gpus_per_node=4)
+plt.show()
+
+# %% [markdown]
+# Each panel is the same 8 ranks laid out as 2 nodes × 4 GPUs; cells of one colour form one group of
+# that dimension, and the cell text is the rank's (pipeline, data, tensor) coordinates. Left: the tensor
+# pairs never leave a node. Right: each pipeline pair has one rank on each node.
+#
+# The clipping norm needs care in 3D. It must be the norm of the *one model's* gradient, but copies of
+# some parameters live on several ranks: a LayerNorm or a row-parallel bias is whole on both tensor ranks,
+# the head on the last stage holds a copy of the tied embedding of stage 0, and the two data-parallel
+# replicas hold the same averaged gradient. `ThreeDModel.clip_grad_norm_` counts each once (Megatron-LM's
+# gradient clipping does the same bookkeeping); the run also records what summing every rank's squares
+# would give.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+plain, zero = rows
+for r in rows:  # float64: only the order of sums changes; the bound's reason is in tests/test_threed.py
+    assert r["param_diff"] < 1e-11 and r["loss_diff"] < 1e-11 and r["norm_rel_diff"] < 1e-11
+    assert all(w > 1.5 * n for w, n in zip(r["every_copy_norm"], r["ref_norm"]))
+assert zero["optimizer"] == "ZeroRedundancyOptimizer" and zero["policies"] == ["full"]
+assert 2 * zero["opt_state"] == plain["opt_state"]
+Markdown(f"After {len(plain['ref_norm'])} AdamW steps every parameter on every rank equals the one-process model's "
+         f"to **{max(r['param_diff'] for r in rows):.1e}** (float64), without and with recomputation + ZeRO-1, and "
+         f"the losses to {max(r['loss_diff'] for r in rows):.1e}. The gradient norm clipping uses is one process's, "
+         f"{plain['ref_norm'][0]:.4f} at the first step; summing every rank's copies would give "
+         f"{plain['every_copy_norm'][0]:.4f}, {plain['every_copy_norm'][0] / plain['ref_norm'][0]:.2f}× too large, and "
+         f"clip by the wrong factor. With ZeRO-1 the 8 ranks hold {zero['opt_state']:,} numbers of AdamW state "
+         f"instead of {plain['opt_state']:,}: each pair of data-parallel replicas keeps it once.")
+
+# %% [markdown]
+# The same run starts as two "nodes" with torchrun, one agent per node meeting at a c10d rendezvous
+# (`tests/test_threed.py` starts both on this machine and checks that each tensor group's ranks report
+# the same `GROUP_RANK`, torchrun's node index; `docs/multinode.md` has the SLURM version):
+#
+# ```bash
+# torchrun --nnodes=2 --node-rank=0 --nproc-per-node=4 --rdzv-backend=c10d \
+#          --rdzv-endpoint=127.0.0.1:29500 -m course.parallel.threed --dp 2 --pp 2 --tp 2   # node 0
+# torchrun --nnodes=2 --node-rank=1 ...same...                                            # node 1
+# ```
+#
+# A fourth dimension, context parallelism (chapter 06), is not composed here: the pipeline's messages
+# are sized for whole sequences and its last stage averages the loss over its own tokens, so both would
+# have to become sequence-shard aware first.
 
 # %% [markdown]
 # ## 1. What the paper says, and what the planner reproduces
@@ -277,6 +356,118 @@ Markdown(f"PTD-P is predicted within {max(abs(planned[n] / tf - 1) for n, tf, _ 
          f"section 7's search with ZeRO-3's overlap assumption in mind.")
 
 # %% [markdown]
+# ## 6b. Simulating one iteration
+#
+# The planner adds times in closed form. `course/simulate.py` plays one iteration as **events** instead:
+# chapter 07's pipeline IR (`course.parallel.schedules`) gives each pipeline rank its order of forwards and
+# backwards (1F1B here); each takes its share of the iteration's FLOPs at the efficiency fitted in section 2,
+# followed by its tensor all-reduces on NVLink; a pipeline message arrives one α–β hop after it is sent, and a
+# rank that needs it waits; a stage's gradients leave bucket by bucket during its last backward, on the
+# data-parallel link, while compute goes on (ZeRO-1: reduce-scatter, then the updated parameters are
+# all-gathered). Every link follows the alpha-beta model (α–β): a latency per message or ring step plus bytes
+# over bandwidth (Hockney 1994; ring collectives as in Thakur, Rabenseifner & Gropp 2005). All 64 ranks of a pipeline stage do the same
+# work at the same time, so one rank per stage stands for them: here stages 0, 1, 8 and 15 of GPT-3 175B on
+# 1,024 A100, the standard layout of section 5.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from course import simulate
+from course.lessons import simulate as lsim
+
+runs = {cl.gpu.name: lsim.plan_and_simulate(gpt3, cl, lsim.gpt3_layouts(BATCH), eff) for cl in (v100, a100)}
+std = runs["A100"]["standard (TP in node)"]
+sim, planned = std["sim"], std["plan"]
+free_hops = simulate.simulate(gpt3, a100, sim.layout, efficiency=eff, pipeline_link=False)
+fig, axes = plt.subplots(2, 1, figsize=(11, 6.5))
+lsim.plot_gantt(sim, [0, 1, 8, 15], axes[0], title="GPT-3 175B, dp 8 x tp 8 x pp 16, 1F1B with 192 micro-batches: one iteration")
+lsim.plot_gantt(sim, [0, 1, 8, 15], axes[1], window=(sim.step - 1.2, sim.step),
+                title="its last 1.2 s: the gradient reduce overlaps the last backward, then ZeRO-1's all-gather")
+fig.tight_layout()
+print(f"simulated {sim.step:.2f} s, planned {planned.step:.2f} s; hops cost {sim.step - free_hops.step:.3f} s "
+      f"in the timeline, {planned.times['pipeline']:.3f} s in the closed form")
+assert abs(sim.step / planned.step - 1) < 0.01 and sim.step - free_hops.step <= planned.times["pipeline"]
+
+# %%
+# NBVAL_CHECK_OUTPUT
+busy = sim.by_kind(0)
+Markdown(f"The simulated iteration takes **{sim.step:.2f} s**, the planner's closed form {planned.step:.2f} s "
+         f"({sim.step / planned.step - 1:+.2%}). They agree because they share every count: with free pipeline hops "
+         f"and no data parallelism the timeline's length *is* the closed form (tests/test_simulate.py checks it to "
+         f"rounding), since the IR's 1F1B with equal stages has exactly Megatron's bubble (p − 1)/m; the bucketed "
+         f"gradient reduce stays within one bucket's time of the planner's. The differences are what the events "
+         f"add: the planner counts all 2(m + p − 1) hops of the critical path as exposed "
+         f"({planned.times['pipeline']:.3f} s), the timeline waits {sim.step - free_hops.step:.3f} s for them "
+         f"({(sim.step - free_hops.step) / planned.times['pipeline']:.0%}); and the gradient buckets leave only as "
+         f"backward produces them. Stage 0 computes for "
+         f"{busy['F'] + busy['B']:.1f} s, spends {busy['tensor']:.1f} s in tensor all-reduces, and idles "
+         f"{sim.step - sum(v for k, v in busy.items() if k in ('F', 'B', 'tensor')):.1f} s: the warm-up and cool-down "
+         f"of the pipeline, visible as the gaps at both ends of the upper chart.")
+
+# %% [markdown]
+# The story's placement (data parallel inside each node, model parallel between) in the simulator, with the
+# same degrees as section 5: the tensor all-reduces, which hold up every forward and backward, now cross
+# InfiniBand. One second in the middle of the iteration, stage 0:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for gpu, res in runs.items():
+    print(f"--- 128 nodes of 8 {gpu}")
+    print(ls.format_rows({k: v["row"] for k, v in res.items()}))
+story = runs["A100"]["story (DP in node)"]["sim"]
+fig, axes = plt.subplots(2, 1, figsize=(11, 3.2), sharex=True)
+for ax, (label, s_) in zip(axes, (("standard", sim), ("story", story))):
+    lsim.plot_gantt(s_, [0], ax, window=(10.0, 11.0), title=f"{label}: stage 0 from 10 to 11 s")
+fig.tight_layout()
+days = {g: {k: v["row"]["simulated days for 300B tokens"] for k, v in res.items()} for g, res in runs.items()}
+assert all(d["story (DP in node)"] > 1.5 * d["standard (TP in node)"] for d in days.values())
+
+# %%
+# NBVAL_CHECK_OUTPUT
+sv, st_ = runs["V100"]["story (DP in node)"], runs["V100"]["standard (TP in node)"]
+Markdown(f"In the simulator the verdict of section 5 stands: on 1,024 V100 the story's placement sends "
+         f"{sv['row']['GB over InfiniBand per GPU per iteration']:,.0f} GB per GPU per iteration over InfiniBand "
+         f"instead of {st_['row']['GB over InfiniBand per GPU per iteration']:.1f} GB, an iteration takes "
+         f"**{sv['sim'].step:.0f} s instead of {st_['sim'].step:.0f} s**, and 300B tokens "
+         f"**{days['V100']['story (DP in node)']:.0f} days instead of {days['V100']['standard (TP in node)']:.0f}** "
+         f"(A100: {days['A100']['story (DP in node)']:.0f} against {days['A100']['standard (TP in node)']:.0f}). "
+         f"In the chart the red tensor all-reduces, slivers on NVLink, grow into blocks as long as the compute.")
+
+# %% [markdown]
+# ### Calibrated on this machine: predicting runs it was not fitted on
+#
+# A simulator is only as good as its inputs. Here we fit them on **our own** runs and ask it to predict others.
+# `course.parallel.calibration_runs` (2 CPU ranks, gloo, about half a minute) measures (1) gloo all-reduces and
+# sends of 1 KB to 2 MB, to which we fit α and β (`scale_calibration.fit_alpha_beta`, least squares); (2) the
+# small model trained whole on each rank at once at several batch sizes and micro-batch counts, to which we fit
+# a compute rate in FLOP/s plus a fixed cost per step and per forward–backward pass (`fit_compute`). Then the
+# simulator, given only those numbers, predicts the step time of data-, tensor- and pipeline-parallel training
+# of the same model on 2 ranks, which we measure too. Timings vary from run to run on a shared machine, so this
+# output is not checked; every time is the fastest of its repeats (for a step: the slowest rank's time).
+# `python -m course.parallel.calibration_runs --3d` does the same for section 0's 2 × 2 × 2 layout on 8
+# processes (a few minutes on 2 cores, so not here).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+cpu = lsim.cpu_calibration()
+lsim.plot_cpu_calibration(cpu)
+plt.tight_layout()
+fit = cpu["fit"]
+for name, (measured, predicted, err) in cpu["layouts"].items():
+    print(f"{name}: measured {measured * 1e3:6.1f} ms, simulated {predicted * 1e3:6.1f} ms, error {err:+.0%}")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+errs = {k: v[2] for k, v in cpu["layouts"].items()}
+Markdown(f"Fitted: compute at {fit['rate'] / 1e9:.1f} GFLOP/s per process plus {fit['pass_overhead'] * 1e3:.1f} ms "
+         f"per forward–backward pass and {fit['overhead'] * 1e3:.1f} ms per step; gloo all-reduce "
+         f"α = {fit['collective'][0] * 1e6:.0f} µs, β = {fit['collective'][1] / GB:.2f} GB/s, sends "
+         f"α = {fit['p2p'][0] * 1e6:.0f} µs, β = {fit['p2p'][1] / GB:.2f} GB/s. Predicted against measured: "
+         + ", ".join(f"{k} {e:+.0%}" for k, e in errs.items())
+         + " (the chapter's bound is ±20%, its goal ±10%). What the model leaves out shows most on a busy machine: "
+         "a rank that reaches a collective first waits for the other, which the scheduler may have paused, and "
+         "on a CPU the 'overlapped' gradient reduce runs on the cores of the backward it hides behind.")
+
+# %% [markdown]
 # ## 7. Searching layouts, and a planner to play with
 #
 # `scale.search` enumerates every valid (dp, tp, pp, v, micro-batch, ZeRO stage, recomputation) for a
@@ -294,6 +485,19 @@ for name, overlap in (("ZeRO-3 gathers hidden", 1.0), ("no data-parallel overlap
               f"{L.recompute:9s}: {q.memory['total'] / GB:4.1f} GB, {q.step:5.1f} s, MFU {q.mfu:.1%}, "
               f"{q.days(300e9):.0f} days")
     assert all(q.fits and q.layout.world == a100.world for q in found)
+
+# %% [markdown]
+# Ranked by the simulator of section 6b instead (`rank_by="simulate"`, the planner's 20 fastest re-ranked by
+# their simulated step, ZeRO-3's gathers hidden):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+by_sim = scale.search(gpt3, a100, BATCH, efficiency=eff, rank_by="simulate", simulate_top=20)
+for q in by_sim[:5]:
+    L = q.layout
+    print(f"dp {L.dp:4d} tp {L.tp} pp {L.pp:2d} v {L.v} b {L.micro_batch} m {L.n_micro:3d} ZeRO-{L.zero} "
+          f"{L.recompute:9s}: simulated {q.simulated:5.2f} s, planned {q.step:5.2f} s")
+assert [q.simulated for q in by_sim] == sorted(q.simulated for q in by_sim)
 
 # %% [markdown]
 # The widget calls `ls.describe` (tested in `tests/test_scale.py`); its last state is printed under it, so
