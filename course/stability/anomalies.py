@@ -12,7 +12,8 @@ Detection (`SpikeDetector`), checked before each update (the loop's "before_upda
   fresh loss against n = 20 earlier ones would follow Student's t with 19 degrees of freedom, and
   P(t19 > 5.85) is about 6e-6 per step (fewer than one false alarm in 100,000 steps). Real losses
   fall and have heavier tails; the tests check that clean runs stay silent. Only upward jumps count,
-  and the detector waits for `min_history` losses before judging spikes.
+  and the detector waits for `min_history` losses before judging spikes. While the loss still falls
+  steeply (the first tens of steps) the window's std is large and a spike must be larger to count.
 
 Policies (`POLICIES`), each skipping the offending update (state.skip: no optimizer step, so the
 weights and AdamW's moments and step count are untouched):
