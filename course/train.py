@@ -19,10 +19,20 @@ achieved model FLOP/s over the device's peak; only for GPUs in `course.costs.PEA
 A non-finite loss or gradient norm stops training with the step where it happened
 (`TrainConfig.on_nonfinite="raise"`), or skips that update ("skip", counted in History.skipped).
 `hooks`: functions called as hook(event, state) with event "after_backward" (gradients averaged,
-before clipping and the update) and "after_step"; state is a `StepState`. They let a user measure or
-log something without editing the loop. `resume`: a function resume(model, optimizer) -> (step,
-History) or None, called once after seeding and building the optimizer; it restores a saved state
-(`course.checkpoint.Checkpointer.resume`) and the loop continues at that step with that History.
+before clipping and the update), "before_update" (after clipping: `state.grad_norm` is known) and
+"after_step"; state is a `StepState`. They let a user measure or log something without editing the
+loop; a hook may also set `state.skip = True` before the update (that step's update is not applied,
+as with on_nonfinite="skip") or change the optimizer's learning rate for this step (History.lr
+records the rate the update used). `course.stability` builds monitoring and anomaly policies on this.
+`resume`: a function resume(model, optimizer) -> (step, History) or None, called once after seeding
+and building the optimizer; it restores a saved state (`course.checkpoint.Checkpointer.resume`) and
+the loop continues at that step with that History.
+
+Schedules (`TrainConfig.schedule`, `lr_at`): every one warms up linearly over warmup_steps, then
+"cosine" (GPT-3, Brown et al. 2020 appendix B: cosine to 10% of the peak), "linear" decay to min_lr,
+"constant", or "wsd" (warmup-stable-decay: constant, then a linear cooldown to min_lr over the last
+`decay_fraction` of training; Hu et al. 2024, MiniCPM §4, and Hägele et al. 2024 §3, who find a
+cooldown of about 20% matches cosine).
 """
 from __future__ import annotations
 
@@ -40,6 +50,7 @@ from .progress import progress_bar
 
 Batch = tuple  # (x, y) or (x, y, attn_mask)
 NONFINITE = ("raise", "skip")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
 @dataclass
@@ -61,6 +72,8 @@ class TrainConfig:
     progress: bool = True
     on_nonfinite: str = "raise"  # what a NaN/inf loss or gradient norm does: "raise" or "skip" the update
     no_sync: bool = True  # accumulate locally under the model's no_sync(); False syncs every micro-batch
+    schedule: str = "cosine"  # learning-rate schedule after warmup: one of SCHEDULES
+    decay_fraction: float = 0.2  # "wsd" only: the share of training spent in the final cooldown
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters"):
@@ -85,6 +98,11 @@ class TrainConfig:
         if self.autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"TrainConfig.autocast_dtype must be None, torch.bfloat16 or torch.float16, "
                              f"got {self.autocast_dtype!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check_number("decay_fraction", self.decay_fraction, low=0.0, strict=True)
+        if self.decay_fraction > 1.0:
+            raise ValueError(f"TrainConfig.decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
         if self.on_nonfinite not in NONFINITE:
             raise ValueError(f"TrainConfig.on_nonfinite must be one of {NONFINITE}, got {self.on_nonfinite!r}")
 
@@ -101,11 +119,19 @@ def _check_number(name, value, low, strict=False):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps."""
+    """Linear warmup to cfg.lr, then cfg.schedule down to cfg.min_lr at cfg.max_steps (min_lr after it)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":  # stable until the cooldown starts, then linear to min_lr
+        decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps))
+        progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        return cfg.lr - min(1.0, max(0.0, progress)) * (cfg.lr - cfg.min_lr)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return cfg.lr - progress * (cfg.lr - cfg.min_lr)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -176,6 +202,7 @@ class StepState:
     grad_norm: float | None
     lr: float
     history: History
+    skip: bool = False  # a hook sets it (after_backward / before_update) to skip this step's update
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -289,7 +316,12 @@ def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainCo
         for hook in hooks:
             hook("after_backward", state)
         state.grad_norm = clip_grad_norm_(model, cfg.grad_clip if cfg.grad_clip is not None else math.inf)
-        if not (math.isfinite(loss_value) and math.isfinite(state.grad_norm)):
+        for hook in hooks:
+            hook("before_update", state)
+        if state.skip:  # a hook's policy (course.stability): no update, optimizer state untouched
+            opt.zero_grad(set_to_none=True)
+            hist.skipped.append(step)
+        elif not (math.isfinite(loss_value) and math.isfinite(state.grad_norm)):
             opt.zero_grad(set_to_none=True)
             if cfg.on_nonfinite == "raise":
                 raise FloatingPointError(f"non-finite training loss {loss_value} or gradient norm {state.grad_norm} "
@@ -304,7 +336,7 @@ def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainCo
         mfu = (flops_per_token(batch[0].size(1)) * tps / peak) if (peak and flops_per_token) else None
         hist.steps.append(step)
         hist.train_loss.append(loss_value)
-        hist.lr.append(lr)
+        hist.lr.append(opt.param_groups[0]["lr"])  # the rate the update used (a hook may have changed it)
         hist.grad_norm.append(state.grad_norm)
         hist.tokens_per_s.append(tps)
         hist.mfu.append(mfu)
