@@ -302,7 +302,7 @@ def near_duplicates(docs, threshold: float = 0.8, n: int = 5, num_perm: int = 32
             candidates.update(buckets.setdefault(key, []))
             buckets[key].append(i)
         for j in sorted(candidates):
-            if j not in dup and jaccard(s, sets[j]) >= threshold:
+            if jaccard(s, sets[j]) >= threshold:  # j may itself be a copy: clusters go whole
                 dup[i] = j
                 break
     return dup
