@@ -18,9 +18,10 @@ loss, learning rate, gradient norm, tokens/s and model FLOPs utilisation (MFU, P
 achieved model FLOP/s over the device's peak; only for GPUs in `course.costs.PEAK_FLOPS`).
 A non-finite loss or gradient norm stops training with the step where it happened
 (`TrainConfig.on_nonfinite="raise"`), or skips that update ("skip", counted in History.skipped).
-`scaler`: a torch.amp.GradScaler for fp16 (Micikevicius et al. 2018, section 3.2): the loss is
-multiplied by the scale before backward, gradients are unscaled before hooks and clipping, and a step
-whose gradients overflowed is skipped (counted in History.skipped) while the scale halves.
+`scaler`: a torch.amp.GradScaler for fp16 (loss scaling: Micikevicius et al. 2018, section 3.2;
+the dynamic schedule is GradScaler's): the loss is multiplied by the scale before backward, gradients
+are unscaled before hooks and clipping, and a step whose gradients overflowed is skipped (counted in
+History.skipped) while the scale halves.
 `hooks`: functions called as hook(event, state) with event "after_backward" (gradients averaged,
 before clipping and the update) and "after_step"; state is a `StepState`. They let a user measure or
 log something without editing the loop.
