@@ -273,16 +273,18 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-_PRIME = (1 << 61) - 1
+_PRIME = 4294967311  # the smallest prime above 2^32
 
 
 def minhash(sh: set[int], num_perm: int = 32, seed: int = 0) -> np.ndarray:
-    """(num_perm,) minima of h_i(x) = (a_i·x + b_i) mod (2^61 - 1): P[equal] = Jaccard (Broder 1997)."""
+    """(num_perm,) minima of h_i(x) = (a_i·x + b_i) mod p over the set's 32-bit values: for a random
+    permutation-like h, P[two sets' minima agree] = their Jaccard similarity (Broder 1997).
+    a < 2^31, x < 2^32, b < 2^32: a·x + b < 2^64, exact in uint64."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, _PRIME, num_perm, dtype=np.uint64).astype(object)
-    b = rng.integers(0, _PRIME, num_perm, dtype=np.uint64).astype(object)
-    xs = [x % _PRIME for x in sh]
-    return np.array([min((ai * x + bi) % _PRIME for x in xs) for ai, bi in zip(a, b)], dtype=object)
+    a = rng.integers(1, 2 ** 31, num_perm, dtype=np.uint64)[:, None]
+    b = rng.integers(0, 2 ** 32, num_perm, dtype=np.uint64)[:, None]
+    xs = np.fromiter((x & 0xFFFFFFFF for x in sh), dtype=np.uint64, count=len(sh))[None, :]
+    return ((a * xs + b) % np.uint64(_PRIME)).min(axis=1)  # (num_perm,)
 
 
 def near_duplicates(docs, threshold: float = 0.8, n: int = 5, num_perm: int = 32, bands: int = 16) -> dict[int, int]:
