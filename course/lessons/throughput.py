@@ -107,7 +107,7 @@ def plot_scale(run: dict, ax=None):
 
 # ----------------------------------------------------------------------------- data quality
 
-def pollute(docs, seed=0, copies=30, near=30, junk=30, fragments=30) -> list[str]:
+def pollute(docs, seed=0, copies=30, near=30, junk=120, fragments=30) -> list[str]:
     """docs plus bad data: exact copies of one document, near copies of it (one word changed), symbol soup
     and short fragments, shuffled in (a deterministic function of seed)."""
     rng = random.Random(seed)

@@ -52,8 +52,9 @@ display(Markdown(
     f"(sd {sd:.3f}). The activations kept for backward shrink to {act['bf16 autocast']:.0%} of fp32's "
     f"(matmul outputs are stored in 16 bits; LayerNorm and the loss stay fp32). Speed on this CPU: "
     f"bf16 {speed['bf16 autocast']:.2f}x and fp16 {speed['fp16 autocast + loss scaling']:.2f}x of fp32 "
-    f"(timings on a shared, loaded machine). A CPU without 16-bit matrix units converts instead of "
-    f"computing faster; on a GPU with tensor cores the same code is where the speed comes from."))
+    f"(timings on a shared machine: rerun `benchmarks/throughput_levers.py` on a quiet one). Whether 16 bits "
+    f"is faster on a CPU depends on whether it has 16-bit matrix instructions (AVX-512 BF16, AMX) or only "
+    f"converts; on a GPU's tensor cores the same code is where mixed precision's speed comes from."))
 
 # %% [markdown]
 # **Overflow.** fp16's largest value is 65504. Start the loss scale far too high (2^30): the scaled
@@ -143,9 +144,9 @@ display(Markdown(
 # bullet lines and 30 % lines ending in an ellipsis, 80 % of words with a letter, at least two of eight
 # stop words. `course.loader.filter_documents` does exact deduplication, those rules, and near
 # deduplication (MinHash over hashed 5-word shingles, confirmed by the exact Jaccard similarity ≥ 0.8).
-# Here we pollute Python's documentation with 120 bad documents (30 copies and 30 near copies of one
-# document, 30 symbol soups, 30 fragments) and train on it with and without the filter, three seeds,
-# validating on held-out clean documents.
+# Here we pollute Python's documentation with 210 bad documents (30 copies and 30 near copies of one
+# document, 120 symbol soups of 2,000 characters, 30 fragments) and train on it with and without the
+# filter, three seeds, validating on held-out clean documents.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -164,8 +165,9 @@ display(Markdown(
     f"The filter kept {fr['n_docs'][1]} of {fr['n_docs'][0]} documents. Validation loss on clean text: "
     f"{statistics.mean(fr['polluted']):.3f} ± {statistics.stdev(fr['polluted']):.3f} trained on the polluted corpus, "
     f"{statistics.mean(fr['filtered']):.3f} ± {statistics.stdev(fr['filtered']):.3f} on the filtered one, the same "
-    f"number of steps. The rules also drop a few real documents (short ones, operator tables): a filter trades "
-    f"recall for precision, which is why Gopher's thresholds were tuned by inspecting what they remove."))
+    f"number of steps (mean ± sd over seeds: compare the gap with the spread before concluding). The rules also "
+    f"drop a few real documents (short ones, operator tables): a filter trades recall for precision, which is "
+    f"why Gopher's thresholds were tuned by inspecting what they remove."))
 
 # %% [markdown]
 # **Augmentation and noise injection.** For images, a flip or a crop keeps the label; for text almost every
