@@ -143,3 +143,15 @@ def test_bad_inputs(data, tmp_path):
         with_latency(lambda s: None, -1)
     with pytest.raises(ValueError, match="chars_per_token"):
         OnTheFlyData("abc" * 100, "abc" * 100, data.tokenizer, chars_per_token=0)
+
+
+def test_filter_removes_the_injected_bad_data():
+    from course.lessons.throughput import _split_docs, pollute
+    docs, _ = _split_docs()
+    polluted = pollute(docs, seed=0)
+    assert polluted == pollute(docs, seed=0) and len(polluted) == len(docs) + 210  # deterministic
+    kept, report = filter_documents(polluted)
+    bad = [d for d in polluted if d not in docs]
+    survivors = [d for d in kept if d not in docs]  # at most one member of the copy cluster stays
+    assert len(survivors) <= 1 and all(d in bad for d in survivors)
+    assert sum(report.values()) == len(polluted) - len(kept)
