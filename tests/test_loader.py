@@ -1,4 +1,4 @@
-"""course.loader: memory-mapped tokens equal in-memory batches exactly; prefetching changes nothing but
+"""course.loader and course.quality: memory-mapped tokens equal in-memory batches exactly; prefetching changes nothing but
 timing; the quality filter's rules on hand-made documents; noise injection; bad inputs."""
 import os
 import threading
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from course.data import load_dataset
-from course.loader import (MemmapData, OnTheFlyData, Prefetcher, QualityRules, batches, filter_documents,
-                           jaccard, minhash, near_duplicates, noisy_inputs, open_tokens, quality_reason,
-                           shingles, with_latency, write_tokens)
+from course.loader import (MemmapData, OnTheFlyData, Prefetcher, batches, noisy_inputs, open_tokens, with_latency,
+                           write_tokens)
+from course.quality import QualityRules, filter_documents, jaccard, minhash, near_duplicates, quality_reason, shingles
 
 PROSE = ("The model reads the text and it learns to predict the next word with care, and that is all "
          "it has to do. ") * 6  # 126 words of ordinary prose: passes every rule

@@ -5,7 +5,7 @@
 - `overflow_run` / `plot_scale`: fp16 with a loss scale far too large: every overflowing step is
   skipped and the scale halves until the gradients fit (Micikevicius et al. 2018, section 3.2).
 - `pollute` / `filter_runs`: a training corpus with injected bad data (copies, near copies, symbol
-  soup, fragments), trained with and without `course.loader.filter_documents`, validated on clean text.
+  soup, fragments), trained with and without `course.quality.filter_documents`, validated on clean text.
 - `levers`: tokens/s of one baseline configuration and of each lever changed alone (data format,
   prefetch, batch size, accumulation, precision), all in this process, so the ratios mean something
   on a loaded machine.
@@ -22,9 +22,10 @@ import time
 import torch
 
 from ..data import CharTokenizer, load_dataset, load_documents, train_val_split
-from ..loader import MemmapData, OnTheFlyData, Prefetcher, batches, filter_documents, with_latency
+from ..loader import MemmapData, OnTheFlyData, Prefetcher, batches, with_latency
 from ..measure import measure_step, time_it
 from ..model import ModelConfig, Transformer
+from ..quality import filter_documents
 from ..train import TrainConfig, evaluate, train
 
 PRECISIONS = ("fp32", "bf16 autocast", "fp16 autocast + loss scaling")

@@ -142,7 +142,7 @@ display(Markdown(
 # (10 hashes), removing about 10 %. Gopher's MassiveWeb (Rae et al. 2021, appendix A) drops documents by
 # rules: 50 to 100,000 words, mean word length 3 to 10, at most 0.1 symbols (#, …) per word, at most 90 %
 # bullet lines and 30 % lines ending in an ellipsis, 80 % of words with a letter, at least two of eight
-# stop words. `course.loader.filter_documents` does exact deduplication, those rules, and near
+# stop words. `course.quality.filter_documents` does exact deduplication, those rules, and near
 # deduplication (MinHash over hashed 5-word shingles, confirmed by the exact Jaccard similarity ≥ 0.8).
 # Here we pollute Python's documentation with 210 bad documents (30 copies and 30 near copies of one
 # document, 120 symbol soups of 2,000 characters, 30 fragments) and train on it with and without the
@@ -157,7 +157,7 @@ for name in ("polluted", "filtered"):
     print(f"{name:9s} val loss {statistics.mean(fr[name]):.3f} ± {statistics.stdev(fr[name]):.3f} (3 seeds)")
 
 # %%
-from course.loader import filter_documents
+from course.quality import filter_documents
 
 assert sum(fr["report"].values()) == fr["n_docs"][0] - fr["n_docs"][1]  # every removal has a reason
 assert filter_documents(fr["kept"]) == (fr["kept"], {})  # what is left passes: no copies, no rule broken
