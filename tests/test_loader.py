@@ -1,6 +1,5 @@
 """course.loader and course.quality: memory-mapped tokens equal in-memory batches exactly; prefetching changes nothing but
 timing; the quality filter's rules on hand-made documents; noise injection; bad inputs."""
-import os
 import threading
 
 import pytest

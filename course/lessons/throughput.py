@@ -17,7 +17,6 @@ import random
 import shutil
 import statistics
 import tempfile
-import time
 
 import torch
 
