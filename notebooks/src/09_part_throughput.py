@@ -93,7 +93,7 @@ sharded = launch.run(mp.compare, 2, setup, timeout=300).values[0]
 ref = mp.autocast_step(setup)
 z, f = sharded["zero3"], sharded["fsdp2"]
 assert z["losses"] == f["losses"] and all(torch.equal(z["params"][n], f["params"][n]) for n in f["params"])
-k, u = 8 * setup.n_layer + 4, 2.0 ** -8  # 16-bit roundings only the pure-bf16 run makes; bf16 rounding unit
+k, u = 8 * setup.n_layer + 6, 2.0 ** -8  # 16-bit roundings only the pure-bf16 run makes; bf16 rounding unit
 rel = math.sqrt(sum(float(((z["grads0"][n] - ref["grads0"][n]) ** 2).sum()) for n in ref["grads0"])
                 / sum(float((g ** 2).sum()) for g in ref["grads0"].values()))
 assert abs(z["loss0"] - ref["loss0"]) <= k * u * ref["loss0"] and rel <= 2 * k * u
