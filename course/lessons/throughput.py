@@ -133,7 +133,9 @@ def filter_runs(seeds=(0, 1, 2), steps=80, batch_size=8, block_size=64) -> dict[
     kept, report = filter_documents(polluted)
     tok = CharTokenizer.train("\n\n".join(polluted) + val_text)
     val = torch.tensor(tok.encode(val_text))
-    out = {"report": report, "n_docs": (len(polluted), len(kept)), "kept": kept}
+    clean = set(train_docs)
+    out = {"report": report, "n_docs": (len(polluted), len(kept)), "kept": kept,
+           "real_removed": len(clean - set(kept))}  # original documents the rules or dedup dropped
     for name, docs in (("polluted", polluted), ("filtered", kept)):
         from ..data import TextData
         data = TextData(torch.tensor(tok.encode("\n\n".join(docs))), val, tok, name)
