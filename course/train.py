@@ -18,6 +18,10 @@ loss, learning rate, gradient norm, tokens/s and model FLOPs utilisation (MFU, P
 achieved model FLOP/s over the device's peak; only for GPUs in `course.costs.PEAK_FLOPS`).
 A non-finite loss or gradient norm stops training with the step where it happened
 (`TrainConfig.on_nonfinite="raise"`), or skips that update ("skip", counted in History.skipped).
+`scaler`: a torch.amp.GradScaler for fp16 (loss scaling: Micikevicius et al. 2018, section 3.2;
+the dynamic schedule is GradScaler's): the loss is multiplied by the scale before backward, gradients
+are unscaled before hooks and clipping, and a step whose gradients overflowed is skipped (counted in
+History.skipped) while the scale halves.
 `hooks`: functions called as hook(event, state) with event "after_backward" (gradients averaged,
 before clipping and the update), "before_update" (after clipping: `state.grad_norm` is known) and
 "after_step"; state is a `StepState`. They let a user measure or log something without editing the
@@ -274,9 +278,11 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float) -> float:
 
 
 def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainConfig, label: str = "",
-          optimizer: torch.optim.Optimizer | None = None, comm=None, hooks=(), resume=None) -> History:
+          optimizer: torch.optim.Optimizer | None = None, comm=None, hooks=(), resume=None,
+          scaler=None) -> History:
     """Train in place; returns the History. batch_fn(split) -> (x, y) or (x, y, attn_mask).
-    resume(model, optimizer) -> (step, History) | None: continue a saved run (see the module docstring)."""
+    resume(model, optimizer) -> (step, History) | None: continue a saved run (see the module docstring).
+    scaler: a torch.amp.GradScaler for fp16 loss scaling (see the module docstring)."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     torch.manual_seed(cfg.seed)
@@ -308,10 +314,12 @@ def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainCo
             with no_sync(model) if cfg.no_sync and not last else contextlib.nullcontext():
                 with _autocast(model, cfg.autocast_dtype):
                     loss = model(*batch)[1] / cfg.grad_accum  # mean over micro-batches = mean over the batch
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()
             loss_sum += loss.detach()
             tokens += batch[0].numel()
         loss_value = _mean(float(loss_sum), comm, device)  # .item() is a CPU-GPU sync point
+        if scaler is not None:
+            scaler.unscale_(opt)  # true gradients for hooks and clipping; records an overflow
         state = StepState(step, model, opt, loss_value, None, lr, hist)
         for hook in hooks:
             hook("after_backward", state)
@@ -320,16 +328,25 @@ def train(model: torch.nn.Module, batch_fn: Callable[[str], Batch], cfg: TrainCo
             hook("before_update", state)
         if state.skip:  # a hook's policy (course.stability): no update, optimizer state untouched
             opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # closes this step's unscale_ (the scale follows what unscale_ found)
             hist.skipped.append(step)
         elif not (math.isfinite(loss_value) and math.isfinite(state.grad_norm)):
             opt.zero_grad(set_to_none=True)
-            if cfg.on_nonfinite == "raise":
+            overflow = scaler is not None and math.isfinite(loss_value)  # scaled gradients overflowed
+            if scaler is not None:
+                scaler.update()  # found an inf: the scale is lowered
+            if cfg.on_nonfinite == "raise" and not overflow:
                 raise FloatingPointError(f"non-finite training loss {loss_value} or gradient norm {state.grad_norm} "
                                          f"at step {step}{f' ({label})' if label else ''}: the update was not "
                                          f"applied; lower lr, check the data, or set on_nonfinite='skip'")
             hist.skipped.append(step)
         else:
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)  # the gradients are finite: a plain step (unscaled above)
+                scaler.update()  # the scale grows after growth_interval clean steps
             opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tps = tokens / dt

@@ -35,6 +35,14 @@ Tied weights (wte / lm_head): one Parameter in two modules, sharded once; both m
 gathered tensor, so both uses' gradients add up before the reduce-scatter. A parameter may not be
 shared between two units. Frozen parameters and buffers are broadcast from rank 0 and kept whole.
 Unused parameters follow `course.parallel.data_parallel` (an error, or find_unused_parameters=True).
+
+Mixed precision (stage 3; ZeRO section 3 assumes it, Micikevicius et al. 2018 section 3.1):
+`param_dtype=torch.bfloat16` keeps the registered shards in fp32 (the master weights the optimizer
+updates) and gathers 16-bit copies for compute, so the all-gather and the gathered parameters cost
+half the bytes; gradients come out of backward in param_dtype and are cast to `reduce_dtype`
+(default: the master dtype, fp32) before the reduce-scatter, so the sum over ranks and the shard's
+gradient are kept exactly (to fp32). FSDP2's `MixedPrecisionPolicy(param_dtype, reduce_dtype)` is
+the same design (tests/test_mixed_precision.py checks the two agree).
 """
 from __future__ import annotations
 
@@ -53,15 +61,18 @@ STAGES = (1, 2, 3)
 class _Param:
     """One parameter: rank r's rows (`shard`, registered between steps) and the whole (`full`)."""
 
-    def __init__(self, name: str, p: nn.Parameter, holders, comm: Comm, stage: int):
+    def __init__(self, name: str, p: nn.Parameter, holders, comm: Comm, stage: int,
+                 param_dtype=None, reduce_dtype=None):
         self.name, self.holders, self.shape, self.comm = name, holders, p.shape, comm
         rows = p.shape[0] if p.dim() else 1
         rest = tuple(p.shape[1:])
         self.rows, self.per_rank = rows, math.ceil(rows / comm.world)
-        self.full = p.new_zeros((self.per_rank * comm.world, *rest))  # (N*c, ...) padded
-        self.full[:rows].copy_(p.detach().reshape(rows, *rest))
+        self.reduce_dtype = reduce_dtype or p.dtype
+        master = p.new_zeros((self.per_rank * comm.world, *rest))  # (N*c, ...) padded, p's dtype
+        master[:rows].copy_(p.detach().reshape(rows, *rest))
+        self.full = master if param_dtype in (None, p.dtype) else master.to(param_dtype)  # what computes
         lo, hi = comm.rank * self.per_rank, (comm.rank + 1) * self.per_rank
-        mine = self.full[lo:hi]  # (c, ...) this rank's rows
+        mine = master[lo:hi]  # (c, ...) this rank's rows, full precision
         self.shard = nn.Parameter(mine if stage < 3 else mine.clone())  # stage 1/2: a view of full
         self.whole = nn.Parameter(self.full[:rows].view(self.shape))  # shares full's storage
         self.grad_buffer = None
@@ -87,7 +98,7 @@ class _Param:
         # Autograd may hold `whole` (a view of full) for backward: refilling the same memory with the
         # same values must not count as modifying it (FSDP2 does the same for its all-gather outputs)
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(self.full):
-            self.comm.all_gather(self.full, self.shard.detach().clone(), name=name)
+            self.comm.all_gather(self.full, self.shard.detach().to(self.full.dtype, copy=True), name=name)
         self.version = self.full._version
 
     def free(self):
@@ -95,17 +106,18 @@ class _Param:
 
     def reduce(self, name: str):
         """Average the full gradient over ranks and keep my rows as shard.grad."""
-        mine = self.shard.new_empty(self.shard.shape)
+        mine = self.shard.new_empty(self.shard.shape, dtype=self.reduce_dtype)
         if self.grad_buffer is not None:  # stage 1: the accumulated full gradient is already padded
             self.comm.reduce_scatter(mine, self.grad_buffer, name=name)
             self.grad_buffer[self.slice].copy_(mine.div_(self.comm.world))
             self.shard.grad = self.grad_buffer[self.slice]
             return
-        padded = torch.zeros_like(self.full) if self.whole.grad is None else torch.cat(
-            [self.whole.grad.reshape(self.rows, *self.full.shape[1:]),
-             self.full.new_zeros((self.full.size(0) - self.rows, *self.full.shape[1:]))])  # (N*c, ...)
+        rest, dt = self.full.shape[1:], self.reduce_dtype
+        padded = self.full.new_zeros(self.full.shape, dtype=dt) if self.whole.grad is None else torch.cat(
+            [self.whole.grad.reshape(self.rows, *rest).to(dt),
+             self.full.new_zeros((self.full.size(0) - self.rows, *rest), dtype=dt)])  # (N*c, ...)
         self.comm.reduce_scatter(mine, padded, name=name)
-        mine.div_(self.comm.world)
+        mine = mine.div_(self.comm.world).to(self.shard.dtype)
         self.shard.grad = mine if self.shard.grad is None else self.shard.grad.add_(mine)
         self.whole.grad = None
 
@@ -149,7 +161,7 @@ class ZeROModule:
         """Every parameter whole (gathered; not counted as training traffic), by its original name."""
         z, out = self._zero, {}
         for p in z.params:
-            full = p.full.new_empty(p.full.shape)
+            full = p.shard.new_empty(p.full.shape)
             full[p.slice] = p.shard.detach()
             if z.comm.world > 1:
                 torch.distributed.all_gather_into_tensor(full, p.shard.detach().contiguous(), group=z.comm.group)
@@ -189,14 +201,22 @@ class _State:
 
 
 def shard(model: nn.Module, comm: Comm | None = None, stage: int = 3, units=None,
-          find_unused_parameters: bool = False) -> nn.Module:
+          find_unused_parameters: bool = False, param_dtype: torch.dtype | None = None,
+          reduce_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard `model` in place with ZeRO stage 1, 2 or 3 over `comm`'s ranks. Returns the model.
 
     units: the modules gathered and reduced as one (default: each of model.blocks); everything
-    else belongs to the root unit, the model itself."""
+    else belongs to the root unit, the model itself. param_dtype / reduce_dtype (stage 3): the
+    dtype parameters are gathered and computed in, and the one gradients are reduced in."""
     if stage not in STAGES or isinstance(stage, bool):
         raise ValueError(f"stage must be one of {STAGES} (1: optimizer state, 2: + gradients, 3: + parameters), "
                          f"got {stage!r}")
+    for arg, dt in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+        if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+            raise ValueError(f"{arg} must be None or a floating torch.dtype (e.g. torch.bfloat16), got {dt!r}")
+    if stage < 3 and (param_dtype, reduce_dtype) != (None, None):
+        raise ValueError(f"param_dtype/reduce_dtype need stage=3 (stage {stage} keeps whole parameters in "
+                         f"their own dtype); got stage={stage}")
     if isinstance(model, ZeROModule):
         raise ValueError("this model is already sharded with ZeRO; build a fresh model to shard it again")
     comm = comm or Comm()
@@ -218,7 +238,7 @@ def shard(model: nn.Module, comm: Comm | None = None, stage: int = 3, units=None
     params, by_unit = [], [[] for _ in range(len(units) + 1)]
     for n, p in model.named_parameters():
         if p.requires_grad:
-            zp = _Param(names[id(p)], p, holders[id(p)], comm, stage)
+            zp = _Param(names[id(p)], p, holders[id(p)], comm, stage, param_dtype, reduce_dtype)
             params.append(zp)
             by_unit[owner.get(id(p), len(units))].append(zp)
     if not params:
