@@ -69,10 +69,22 @@ def one_thread():
 @pytest.mark.parametrize("name", ["naive", "bucketed", "zero1", "zero2", "zero3"])
 def test_one_rank_without_process_group_equals_plain_training(name, one_thread):
     """The same code at world size 1 (collectives become local copies): a cheap check of the mechanics.
-    Exact: with one rank every reduction adds nothing and divides by 1, in the same order."""
+    Data parallel is exact: with one rank every reduction adds nothing and divides by 1, in the same order.
+    ZeRO is exact up to the optimizer's rounding: AdamW then updates 1-D shards instead of the original
+    tensors, and PyTorch's elementwise kernels take a vectorized (FMA) or a scalar path depending on a
+    tensor's length and alignment, so an element's update may round differently (8.6e-16 on one Intel
+    Xeon, 0 on an AMD EPYC). Bound: one float64 epsilon per operation of AdamW's update (about 10) per
+    step, times the largest parameter; a wrong update (lr 1e-3) is 1e-12 times larger than that."""
     setup = Setup(steps=2, micro_batches=2, dtype="float64")
     ref = reference(setup)
     got = run(setup, name)
     assert set(got["state"]) == set(ref["state"])
-    assert all(torch.equal(got["state"][n], ref["state"][n]) for n in ref["state"]), name
-    assert got["losses"] == ref["losses"]
+    if name in ("naive", "bucketed"):
+        assert all(torch.equal(got["state"][n], ref["state"][n]) for n in ref["state"]), name
+        assert got["losses"] == ref["losses"]
+        return
+    scale = max(float(t.abs().max()) for t in ref["state"].values())
+    bound = setup.steps * 10 * torch.finfo(torch.float64).eps * scale
+    worst = max(float((got["state"][n] - ref["state"][n]).abs().max()) for n in ref["state"])
+    assert worst <= bound, (name, worst, bound)
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-12, abs=0)  # same bound, through the loss
