@@ -1,5 +1,5 @@
 # %% [markdown]
-# ## Mixed precision
+# ## N. Mixed precision
 #
 # GPT-3-scale models train in 16-bit arithmetic. Micikevicius et al. 2018 ("Mixed Precision Training",
 # §3) give the recipe: keep an **fp32 master copy of the weights** that the optimizer updates (§3.1; an
@@ -104,7 +104,7 @@ display(Markdown(f"ZeRO-3 and FSDP2 agree bit for bit over {setup.steps} steps (
                  f"{2 * k * u:.1%} (derived in tests/test_mixed_precision.py)."))
 
 # %% [markdown]
-# ## Throughput levers
+# ## N. Throughput levers
 #
 # Tokens per second depend on more than the model. Each row below changes one thing against a baseline
 # (batches cut from an in-memory tensor, B = 8, fp32), in this same process, round-robin, best step of
