@@ -23,6 +23,10 @@ Segment Anything (Kirillov et al. 2023, section 3 and appendix A), small enough 
   IoU. Cross-attention works at half width (SAM's downsample rate 2).
 SAM has a fourth mask token whose single mask it returns when several prompts make the target clear;
 here the three masks are always returned and the one of largest predicted IoU is used.
+High-resolution features (`hires`, default on): a plain ViT with 4-pixel patches loses the shapes' edges, and
+SAM 2 (Ravi et al. 2024, section 4) feeds its hierarchical encoder's stride-4 and stride-8 features into the
+two upsampling layers; here a two-layer convolutional stem on the image gives those two maps (computed
+once per image with the embedding). `hires=False` is SAM's decoder exactly.
 
 Coordinates follow course.vision.data: a point is (x, y) in pixels, pixel (row i, column j) covers
 [j, j+1) x [i, i+1). Boxes are (x0, y0, x1, y1). Point labels: 1 foreground, 0 background, -1 padding
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -62,11 +67,15 @@ class SAMConfig:
     n_masks: int = 3
     text_dim: int = 0  # > 0: accept text prompts of this embedding width
     pe_scale: float = 1.0  # std of the Fourier matrix B (SAM: 1)
+    hires: bool = True  # SAM 2's high-resolution features in the upsampling (False: SAM's decoder)
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "pe_scale":
+            if f.name == "hires":
+                if not isinstance(v, bool):
+                    raise ValueError(f"SAMConfig.hires must be True or False, got {v!r}")
+            elif f.name == "pe_scale":
                 if not isinstance(v, (int, float)) or not v > 0:
                     raise ValueError(f"SAMConfig.pe_scale must be > 0, got {v!r}")
             elif not isinstance(v, int) or isinstance(v, bool) or v < (0 if f.name in ("window", "text_dim") else 1):
@@ -213,9 +222,9 @@ class MaskDecoder(nn.Module):
         self.hyper = nn.ModuleList(mlp(C, C, C // 8) for _ in range(M))
         self.iou_head = mlp(C, C, M)
 
-    def forward(self, image_emb, image_pe, sparse, dense):
-        """image_emb (B, C, g, g), image_pe (C, g, g), sparse (B, T, C), dense (B, C, g, g)
-        -> mask logits (B, M, 4g, 4g), predicted IoU (B, M)."""
+    def forward(self, image_emb, image_pe, sparse, dense, hires=None):
+        """image_emb (B, C, g, g), image_pe (C, g, g), sparse (B, T, C), dense (B, C, g, g), hires None or
+        ((B, C/8, 4g, 4g), (B, C/4, 2g, 2g)) -> mask logits (B, M, 4g, 4g), predicted IoU (B, M)."""
         B, C, g, _ = image_emb.shape
         M = self.cfg.n_masks
         out = torch.cat([self.iou_token, self.mask_tokens]).unsqueeze(0).expand(B, -1, -1)
@@ -226,7 +235,13 @@ class MaskDecoder(nn.Module):
         for blk in self.blocks:
             tok, img = blk(tok, img, tokens, img_pe)
         tok = self.final_norm(tok + self.final_attn(tok + tokens, img + img_pe, img))
-        up = self.upscale(img.transpose(1, 2).reshape(B, C, g, g))  # (B, C/8, 4g, 4g)
+        x = img.transpose(1, 2).reshape(B, C, g, g)
+        if hires is None:
+            up = self.upscale(x)  # (B, C/8, 4g, 4g)
+        else:  # SAM 2: add the stride-8 map after the first upsampling, the stride-4 map after the second
+            ln, act = self.upscale[1], self.upscale[2]
+            up = act(ln(self.upscale[0](x) + hires[1]))  # (B, C/4, 2g, 2g)
+            up = self.upscale[4](self.upscale[3](up) + hires[0])  # (B, C/8, 4g, 4g)
         w = torch.stack([self.hyper[i](tok[:, 1 + i]) for i in range(M)], 1)  # (B, M, C/8)
         masks = (w @ up.flatten(2)).view(B, M, 4 * g, 4 * g)
         return masks, self.iou_head(tok[:, 0])
@@ -285,6 +300,11 @@ def check_prompts(cfg: SAMConfig, B: int, points=None, labels=None, boxes=None, 
                          f"a box, a mask or a text")
 
 
+class Embedding(NamedTuple):
+    image: torch.Tensor  # (B, C, g, g): what the ViT and neck compute (and what distillation matches)
+    hires: tuple | None  # SAM 2-style high-resolution maps, or None
+
+
 class SAM(nn.Module):
     def __init__(self, cfg: SAMConfig, encoder: nn.Module | None = None):
         super().__init__()
@@ -295,25 +315,38 @@ class SAM(nn.Module):
         enc_dim = self.encoder.config.n_embd
         self.neck = nn.Sequential(nn.Conv2d(enc_dim, cfg.dim, 1, bias=False), LayerNorm2d(cfg.dim),
                                   nn.Conv2d(cfg.dim, cfg.dim, 3, padding=1, bias=False), LayerNorm2d(cfg.dim))
+        C = cfg.dim
+        self.hires = nn.ModuleList([nn.Sequential(nn.Conv2d(3, C // 8, 3, padding=1), nn.GELU()),
+                                    nn.Conv2d(C // 8, C // 4, 3, stride=2, padding=1)]) if cfg.hires else None
         self.prompt_encoder = PromptEncoder(cfg)
         self.decoder = MaskDecoder(cfg)
 
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> image embedding (B, C, g, g): once per image, reused for every prompt."""
-        check_images(images, 3, self.cfg.image_size)
-        return self.neck(self.encoder.feature_map(images))
+    def hires_features(self, images):
+        """((B, C/8, 4g, 4g), (B, C/4, 2g, 2g)) from the image, or None without cfg.hires."""
+        if self.hires is None:
+            return None
+        x = images if images.shape[-1] == self.cfg.mask_size else F.interpolate(images, size=(self.cfg.mask_size,) * 2,
+                                                                                mode="area")
+        s0 = self.hires[0](x)
+        return s0, self.hires[1](s0)
 
-    def decode(self, embedding: torch.Tensor, check: bool = True, **prompts):
+    def embed_image(self, images: torch.Tensor) -> Embedding:
+        """(B, 3, S, S) -> Embedding(image (B, C, g, g), hires): once per image, reused for every prompt."""
+        check_images(images, 3, self.cfg.image_size)
+        return Embedding(self.neck(self.encoder.feature_map(images)), self.hires_features(images))
+
+    def decode(self, embedding: Embedding, check: bool = True, **prompts):
         """Prompts (points, labels, boxes, masks, text) on an image embedding -> (mask logits (B, M, S, S),
         predicted IoU (B, M))."""
         unknown = set(prompts) - set(PROMPT_KINDS)
         if unknown:
             raise ValueError(f"unknown prompt type(s) {sorted(unknown)}: known are {PROMPT_KINDS}")
+        emb = embedding.image
         if check:
-            check_prompts(self.cfg, len(embedding), **prompts)
-        sparse, dense = self.prompt_encoder(**prompts, batch=len(embedding))
-        pe = self.prompt_encoder.pe.grid(self.cfg.grid).to(embedding.dtype)
-        logits, iou = self.decoder(embedding, pe, sparse.to(embedding.dtype), dense.to(embedding.dtype))
+            check_prompts(self.cfg, len(emb), **prompts)
+        sparse, dense = self.prompt_encoder(**prompts, batch=len(emb))
+        pe = self.prompt_encoder.pe.grid(self.cfg.grid).to(emb.dtype)
+        logits, iou = self.decoder(emb, pe, sparse.to(emb.dtype), dense.to(emb.dtype), embedding.hires)
         if logits.shape[-1] != self.cfg.image_size:  # SAM upsamples its 256² logits to 1024² bilinearly
             logits = F.interpolate(logits, size=(self.cfg.image_size,) * 2, mode="bilinear", align_corners=False)
         return logits, iou

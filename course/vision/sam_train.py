@@ -278,11 +278,14 @@ class EncoderDistiller(nn.Module):
         self.student = SAM(teacher.cfg, encoder=ViT(student_cfg))
         self.student.prompt_encoder = copy.deepcopy(teacher.prompt_encoder).requires_grad_(False)
         self.student.decoder = copy.deepcopy(teacher.decoder).requires_grad_(False)
+        self.student.hires = copy.deepcopy(teacher.hires)  # the cheap stem is reused, like the decoder
+        if self.student.hires is not None:
+            self.student.hires.requires_grad_(False)
 
     def forward(self, images):
         with torch.no_grad():
-            target = self.teacher[0].embed_image(images)
-        emb = self.student.embed_image(images)
+            target = self.teacher[0].embed_image(images).image
+        emb = self.student.embed_image(images).image
         return emb, F.mse_loss(emb, target)
 
     def sam(self) -> SAM:
