@@ -196,3 +196,51 @@ def test_bad_configs_and_images():
         SAMConfig(dim=60)
     with pytest.raises(ValueError, match="image_size"):
         _model().predict(torch.rand(1, 3, 16, 16), boxes=torch.tensor([[1.0, 1, 5, 5]]))
+
+
+def test_text_prompts_and_object_crops():
+    sam = _model(CFG.replace(text_dim=8))
+    logits, iou = sam.predict(torch.rand(2, 3, 32, 32), text=torch.randn(2, 8))
+    assert logits.shape == (2, 3, 32, 32) and iou.shape == (2, 3)
+    images, targets = torch.rand(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.bool)
+    targets[:, 4:9, 4:9] = True
+    crops = T.object_crops(images, targets)
+    assert torch.equal(crops[:, :, 4:9, 4:9], images[:, :, 4:9, 4:9]) and crops.sum() == images[:, :, 4:9, 4:9].sum()
+    trainer = T.InteractiveTrainer(sam, rounds=2)
+    _, loss = trainer(images, targets, text=torch.randn(2, 8))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_distillation_matches_the_teacher_embedding_and_reuses_its_decoder():
+    teacher = _model()
+    dist = T.EncoderDistiller(teacher, ViTConfig(image_size=32, patch_size=4, n_layer=1, n_embd=32, n_head=2))
+    student = dist.sam()
+    assert student.num_params("encoder") < teacher.num_params("encoder") / 2
+    for a, b in zip(student.decoder.parameters(), teacher.decoder.parameters()):
+        assert torch.equal(a, b) and not a.requires_grad  # decoupled: the decoder is the teacher's, frozen
+    batch_fn = T.image_batches(n=200, batch=16, seed=3)
+    with torch.no_grad():
+        before = dist(batch_fn("val")[0])[1].item()
+    hist = train(dist, batch_fn, TrainConfig(max_steps=60, lr=3e-3, warmup_steps=5, eval_interval=59, eval_iters=2,
+                                             progress=False))
+    # a fresh student's embedding is unrelated to the teacher's (MSE ~2 after the LayerNorms); learning the
+    # teacher's map from images alone must cut it 20-fold in 60 steps (175-fold measured: room for other seeds)
+    assert hist.val_loss[-1] < before / 20
+    logits, iou = student.predict(torch.rand(1, 3, 32, 32), boxes=torch.tensor([[2.0, 2, 20, 20]]))
+    assert logits.shape == (1, 3, 32, 32)
+
+
+def test_a_short_training_run_beats_the_whole_box_baseline():
+    """300 steps of box prompts (fixed seed) through the one loop. Given the exact box, the model must beat
+    the box itself filled -- the trivial answer with the same information -- by 0.05 mIoU on held-out
+    scenes (measured: 0.787 vs 0.686; 0.05 is half the gain, room for other machines' float rounding)."""
+    torch.manual_seed(0)
+    sam = SAM(CFG)
+    data = T.SceneBatches(n_train=500, n_val=50, batch=16)
+    cfg = TrainConfig(max_steps=300, lr=3e-3, warmup_steps=10, weight_decay=0.01, eval_interval=1000, eval_iters=1,
+                      progress=False)
+    hist = train(T.InteractiveTrainer(sam, rounds=1, box_prob=1.0), data, cfg)
+    assert hist.train_loss[-1] < hist.train_loss[0] / 2
+    ev = T.eval_set(40, seed=123)
+    model, baseline = T.evaluate_boxes(sam, *ev).mean().item(), T.box_baseline_iou(ev[1]).mean().item()
+    assert model > baseline + 0.05, (model, baseline)

@@ -6,13 +6,12 @@ clicks, metrics, distillation) and `course.train.train` (the one loop).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from ..device import profile
 from ..train import TrainConfig, train
 from ..vision import data as vdata
 from ..vision import sam_train as T
@@ -22,30 +21,24 @@ from ..vision.vit import ViTConfig
 
 @dataclass
 class Sizes:
-    steps: int = 400
+    """The lesson's sizes. Everything here runs on the CPU (the scenes, the click simulation and the model
+    stay there); on 2 cores the whole part takes about a minute."""
+    steps: int = 500
     batch: int = 32
     rounds: int = 3
     n_train: int = 2000
     n_eval: int = 60
-    distill_steps: int = 200
-    teacher: dict = None
-    student: dict = None
-
-    @classmethod
-    def for_profile(cls, prof=None):
-        prof = prof or profile()
-        big = prof.name == "gpu"
-        return cls(steps=3000 if big else 400, batch=64 if big else 32, rounds=5 if big else 3,
-                   n_train=8000 if big else 2000, n_eval=200 if big else 60, distill_steps=1500 if big else 200,
-                   teacher=dict(enc_layers=4, enc_dim=96, enc_heads=4), student=dict(n_layer=1, n_embd=32, n_head=2))
+    distill_steps: int = 300
+    teacher: dict = field(default_factory=lambda: dict(enc_layers=4, enc_dim=96, enc_heads=4))
+    student: dict = field(default_factory=lambda: dict(n_layer=1, n_embd=32, n_head=2))
 
 
-def train_segmenter(sizes: Sizes, seed: int = 0, device=None):
+def train_segmenter(sizes: Sizes, seed: int = 0):
     """The teacher segmenter trained by simulated interaction -> (sam, history, SceneBatches)."""
     torch.manual_seed(seed)
     data = T.SceneBatches(n_train=sizes.n_train, batch=sizes.batch, seed=seed)
-    sam = SAM(SAMConfig(**(sizes.teacher or {})))
-    cfg = TrainConfig(max_steps=sizes.steps, lr=3e-3, warmup_steps=20, weight_decay=0.01, eval_interval=100,
+    sam = SAM(SAMConfig(**sizes.teacher))
+    cfg = TrainConfig(max_steps=sizes.steps, lr=3e-3, warmup_steps=min(20, sizes.steps), weight_decay=0.01, eval_interval=100,
                       eval_iters=2, seed=seed)
     hist = train(T.InteractiveTrainer(sam, rounds=sizes.rounds), data, cfg, label="segmenter")
     return sam.eval(), hist, data
@@ -53,11 +46,10 @@ def train_segmenter(sizes: Sizes, seed: int = 0, device=None):
 
 def distill_encoder(teacher: SAM, sizes: Sizes, seed: int = 0):
     """MobileSAM's decoupled distillation: a small ViT + neck matched to the teacher's embedding (MSE)."""
-    s = sizes.student or {}
-    student_cfg = ViTConfig(image_size=teacher.cfg.image_size, patch_size=teacher.cfg.patch_size, **s)
+    student_cfg = ViTConfig(image_size=teacher.cfg.image_size, patch_size=teacher.cfg.patch_size, **sizes.student)
     torch.manual_seed(seed)
     dist = T.EncoderDistiller(teacher, student_cfg)
-    cfg = TrainConfig(max_steps=sizes.distill_steps, lr=3e-3, warmup_steps=10, weight_decay=0.01, eval_interval=100,
+    cfg = TrainConfig(max_steps=sizes.distill_steps, lr=3e-3, warmup_steps=min(10, sizes.distill_steps), weight_decay=0.01, eval_interval=100,
                       eval_iters=2, seed=seed)
     hist = train(dist, T.image_batches(batch=sizes.batch, seed=seed + 1), cfg, label="distill")
     return dist.sam().eval(), hist

@@ -127,11 +127,13 @@ def best_mask(logits, iou):
 class InteractiveTrainer(nn.Module):
     """forward(images, targets) -> (last logits, loss averaged over `rounds` simulated interactions)."""
 
-    def __init__(self, sam: SAM, rounds: int = 3, box_prob: float = 0.5, text_embeds: torch.Tensor | None = None):
+    def __init__(self, sam: SAM, rounds: int = 3, box_prob: float = 0.5):
         super().__init__()
         self.sam, self.rounds, self.box_prob = sam, rounds, box_prob
 
-    def forward(self, images, targets):
+    def forward(self, images, targets, text=None):
+        """images (B, 3, S, S), targets (B, S, S) bool; text (B, text_dim) embeddings of the targets, or None.
+        With text, the first prompt is the text alone (then clicks); without, a point or a box."""
         sam, B = self.sam, len(images)
         emb = sam.embed_image(images)  # once per image, as SAM amortises its encoder
         with torch.no_grad():
@@ -142,15 +144,23 @@ class InteractiveTrainer(nn.Module):
         points = torch.stack([click, box[:, :2], box[:, 2:]], 1)  # (B, 3, 2): click, box corners
         labels = torch.stack([torch.where(use_box, pad, lab), torch.where(use_box, TOP_LEFT, pad),
                               torch.where(use_box, BOTTOM_RIGHT, pad)], 1)
+        if text is not None:
+            labels = torch.full_like(labels, PAD)
         prev, total = None, 0.0
         for _ in range(self.rounds):
-            logits, iou = sam.decode(emb, check=False, points=points, labels=labels, masks=prev)
+            logits, iou = sam.decode(emb, check=False, points=points, labels=labels, masks=prev, text=text)
             total = total + sam_loss(logits, iou, targets)[0]
             with torch.no_grad():
                 prev = best_mask(logits, iou).unsqueeze(1)  # (B, 1, S, S) unthresholded
                 click, lab = sample_clicks(prev[:, 0] > 0, targets)
             points, labels = torch.cat([points, click[:, None]], 1), torch.cat([labels, lab[:, None]], 1)
         return logits, total / self.rounds
+
+
+def object_crops(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each target object alone on black (B, 3, S, S): what SAM (appendix D.5) embeds with CLIP's IMAGE
+    encoder to train text prompts, relying on CLIP's aligned TEXT embedding at inference."""
+    return images * targets[:, None]
 
 
 class SceneBatches:
