@@ -151,6 +151,13 @@ TERMS: tuple[Term, ...] = (
     # 10 ViT, CLIP, SAM
     _t("Vision Transformer (ViT)", "视觉 Transformer (ViT)", "10", "A transformer that reads an image as a sequence of patch embeddings (Dosovitskiy et al. 2021)."),
     _t("patch embedding", "图像块嵌入 (patch 嵌入)", "10", "Cutting an image into P × P patches and mapping each flattened patch linearly to a vector."),
+    _t("image patch", "图像块 (patch)", "10", "A P × P square of pixels; a ViT reads an image as the sequence of its patches, row by row.", "patches"),
+    _t("2-D sin-cos position embedding", "二维正余弦位置编码", "10", "Fixed positions for a patch grid: sines and cosines of the column in half the channels, of the row in the other half.", "sin-cos"),
+    _t("windowed attention", "窗口注意力", "10", "Attention restricted to non-overlapping windows of the patch grid, mixed with a few global blocks (ViTDet, SAM).", "windowed"),
+    _t("global average pooling", "全局平均池化", "10", "Averaging a model's features over all positions to get one vector per image."),
+    _t("image-text pair", "图文对", "10", "An image with a caption describing it: CLIP's training example."),
+    _t("learned temperature", "可学习温度", "10", "CLIP's logit scale 1/τ, trained with the model, initialised at 1/0.07 and clipped at 100."),
+    _t("compositional generalization", "组合泛化", "10", "Handling unseen combinations of known parts, such as a colour and a shape never seen together.", "compositional"),
     _t("contrastive learning", "对比学习", "10", "Learning embeddings that bring matching pairs together and push the others apart."),
     _t("contrastive loss (InfoNCE)", "对比损失 (InfoNCE)", "10", "Cross-entropy over the similarities of one item with every candidate, the true pair as the target (CLIP)."),
     _t("zero-shot classification", "零样本分类", "10", "Classifying images by comparing them with text prompts of class names, without training on those classes."),

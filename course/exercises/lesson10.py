@@ -5,21 +5,24 @@ flattened to a vector of C·P² values, in row-major order over the patch grid. 
 2021, figure 3): L2-normalise both embeddings, logits = image · textᵀ / temperature, and average the
 cross-entropies of both directions with the matching pair (the diagonal) as the target.
 
-REFERENCE WRITTEN HERE: `_patchify` (F.unfold, which flattens each patch channel-first, (C, P, P))
-and `_clip_loss` below. When lesson 10's library lands, point the references at it. Comparisons in
-float64: the claims are equalities; the loss's few reductions round far below 1e-12 relative.
+References: the library's `course.vision.vit.patchify` (reshape + permute; tests/test_vision_clip.py
+checks it equals PyTorch's F.unfold, which flattens each patch channel-first, (C, P, P)) and
+`course.vision.clip.contrastive_loss` (which takes the scale 1/temperature). Comparisons in float64:
+the claims are equalities; the loss's few reductions round far below 1e-12 relative.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..vision.clip import contrastive_loss
+from ..vision.vit import patchify
 from .core import Hint, call, close, exercise, expect_tensor, match_mistake
 
 
 def _patchify(images, patch):
     """Reference solution: (B, C, H, W) -> (B, N, C·P·P), patches row-major, each flattened (C, P, P)."""
-    return F.unfold(images, kernel_size=patch, stride=patch).transpose(1, 2)
+    return patchify(images, patch)
 
 
 @exercise("10", "patchify", solution=_patchify)
@@ -52,11 +55,8 @@ def check_patchify(fn, rng, gen):
 
 
 def _clip_loss(image_emb, text_emb, temperature):
-    """Reference solution (Radford et al. 2021, figure 3)."""
-    img, txt = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
-    logits = img @ txt.T / temperature  # (N, N): row i = image i against every text
-    labels = torch.arange(len(logits))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    """Reference solution (Radford et al. 2021, figure 3): the library's loss, whose scale is 1/temperature."""
+    return contrastive_loss(image_emb, text_emb, 1.0 / temperature)
 
 
 @exercise("10", "clip_loss", solution=_clip_loss)

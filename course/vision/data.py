@@ -129,24 +129,29 @@ def caption_of(shapes, colours, parent, centres_x) -> str:
 
 
 def make_scene(rng: np.random.Generator, size: int = 32, n_objects: int = 2, nest_prob: float = 0.5,
-               split: str = "train", noise: float = 0.02) -> Scene:
+               split: str = "train", noise: float = 0.02, radius: tuple | None = None) -> Scene:
     """One scene with up to n_objects top-level objects (fewer if they do not fit apart), each holding a
-    nested inner object with probability nest_prob. Objects do not overlap unless nested."""
+    nested inner object with probability nest_prob. Objects do not overlap unless nested. radius: (lo, hi)
+    range of the size parameter r as a fraction of the image side (default (0.12, 0.26), nested outer
+    objects (0.24, 0.32)); at most 0.38, so that every shape fits inside the image."""
     size = _check_int("size", size, MIN_SIZE)
     n_objects = _check_int("n_objects", n_objects, 1)
     nest_prob = _check_prob("nest_prob", nest_prob)
     if not isinstance(noise, (int, float)) or not 0.0 <= noise <= 0.5:
         raise ValueError(f"noise must be a number in [0, 0.5] (std of added pixel noise), got {noise!r}")
     pairs = _pairs(split)
+    if radius is not None and not (isinstance(radius, (tuple, list)) and len(radius) == 2
+                                   and all(isinstance(v, (int, float)) for v in radius) and 0 < radius[0] <= radius[1] <= 0.38):
+        raise ValueError(f"radius must be (lo, hi) with 0 < lo <= hi <= 0.38 (fractions of the image side), got {radius!r}")
     placed, shapes, colours, parent, masks = [], [], [], [], []  # placed: (cx, cy, circumradius)
     for _ in range(n_objects):
         nest = rng.random() < nest_prob
         colour, shape = pairs[rng.integers(len(pairs))]
-        lo, hi = (0.24, 0.32) if nest else (0.12, 0.26)  # r as a fraction of the image side
+        lo, hi = radius or ((0.24, 0.32) if nest else (0.12, 0.26))  # r as a fraction of the image side
         for _try in range(30):
             r = rng.uniform(lo, hi) * size
             ext = _CIRCUMRADIUS[shape] * r
-            cx, cy = rng.uniform(ext, size - ext, 2)  # ext <= 0.32 * 1.25 * size < size / 2
+            cx, cy = rng.uniform(ext, size - ext, 2)  # ext <= 0.38 * 1.25 * size < size / 2
             if all(math.hypot(cx - px, cy - py) >= ext + pe + 1 for px, py, pe in placed):
                 break
         else:
@@ -202,11 +207,11 @@ class CaptionData:
 
 
 def caption_data(n: int, seed: int = 0, size: int = 32, split: str = "train", nest_prob: float = 0.5,
-                 noise: float = 0.02) -> CaptionData:
-    """Image-caption pairs for CLIP: one top-level object per image, nested with probability nest_prob."""
+                 noise: float = 0.02, radius: tuple = (0.25, 0.38)) -> CaptionData:
+    """Image-caption pairs for CLIP: one large top-level object per image, nested with probability nest_prob."""
     n = _check_int("n", n, 1)
     rng = np.random.default_rng(_check_int("seed", seed, 0))
-    scenes = [make_scene(rng, size, 1, nest_prob, split, noise) for _ in range(n)]
+    scenes = [make_scene(rng, size, 1, nest_prob, split, noise, radius) for _ in range(n)]
     labels = torch.tensor([PAIRS.index((s.colours[0], s.shapes[0])) for s in scenes])
     return CaptionData(stack_images(scenes), [s.caption for s in scenes], labels, scenes)
 
