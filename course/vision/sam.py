@@ -30,7 +30,8 @@ once per image with the embedding). `hires=False` is SAM's decoder exactly.
 
 Coordinates follow course.vision.data: a point is (x, y) in pixels, pixel (row i, column j) covers
 [j, j+1) x [i, i+1). Boxes are (x0, y0, x1, y1). Point labels: 1 foreground, 0 background, -1 padding
-(ignored: lets a batch hold different numbers of clicks); internally box corners are labels 2 and 3.
+(ignored: lets a batch hold different numbers of clicks); internally box corners are labels 2 and 3
+(as SAM 2's code feeds a box: two points labelled 2 and 3).
 
 Shapes: images (B, 3, S, S); points (B, N, 2); labels (B, N); boxes (B, 4); masks (B, 1, S, S) logits;
 text (B, text_dim); out: mask logits (B, 3, S, S), predicted IoU (B, 3).

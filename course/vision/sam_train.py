@@ -11,7 +11,8 @@
   (foreground if there it missed the object, background if it spilled over), and the previous mask's
   unthresholded logits come back as the mask prompt; the mask passed on is the one of largest
   predicted IoU. SAM runs 11 rounds (8 sampled clicks and 2 rounds with no new click); `rounds` here
-  is smaller to train on a CPU. SAM 2 (Ravi et al. 2024, section 4) simulates prompts the same way.
+  is smaller to train on a CPU. SAM 2 trains the same way (Ravi et al. 2024; its training code,
+  training/model/sam2.py `prepare_prompt_inputs`, keeps the ground truth to sample correction clicks).
   `InteractiveTrainer` does this inside forward(images, targets) -> (logits, loss), so the one loop
   `course.train.train` trains it (its "tokens/s" counts pixels/s).
 - Metrics (the interactive-segmentation protocol of Xu et al. 2016 as RITM, Sofiiuk et al. 2022,
