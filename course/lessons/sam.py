@@ -23,13 +23,13 @@ from ..vision.vit import ViTConfig
 class Sizes:
     """The lesson's sizes. Everything here runs on the CPU (the scenes, the click simulation and the model
     stay there); on 2 cores the whole part takes about a minute."""
-    steps: int = 500
+    steps: int = 400
     batch: int = 32
-    rounds: int = 3
+    rounds: int = 2
     n_train: int = 2000
     n_eval: int = 60
-    distill_steps: int = 300
-    teacher: dict = field(default_factory=lambda: dict(enc_layers=4, enc_dim=96, enc_heads=4))
+    distill_steps: int = 200
+    teacher: dict = field(default_factory=lambda: dict(enc_layers=3, enc_dim=64, enc_heads=4))
     student: dict = field(default_factory=lambda: dict(n_layer=1, n_embd=32, n_head=2))
 
 

@@ -66,7 +66,7 @@ plt.show()
 # the next click is drawn from the **error region** of the mask it picked (a foreground click where it
 # missed the object, a background click where it spilled over) and the previous mask's logits come back
 # as a mask prompt. The loss is 20·focal + 1·dice on the **best** of the three masks only, plus the
-# squared error of each predicted IoU. SAM runs 11 such rounds per mask; here `rounds` are fewer.
+# squared error of each predicted IoU. SAM runs 11 such rounds per mask; here `sizes.rounds` (2).
 # `ST.InteractiveTrainer` does all of it inside `forward(images, targets) -> (logits, loss)`, so the
 # course's `train` loop trains it unchanged (its "tokens/s" are pixels/s). Trained once here, reused below.
 
@@ -193,7 +193,7 @@ plt.show()
 # - **Decoder**: the same two-way design, at width 64 instead of 256; SAM has a fourth output token for
 #   unambiguous multi-prompt cases, omitted here; and this decoder adds SAM 2-style high-resolution
 #   features (Ravi et al. 2024), since a 4-pixel patch grid alone blurs edges of 32-pixel images.
-# - **Training**: 3 simulated rounds instead of 11; a minute on a CPU instead of 3–5 days on 256 A100
+# - **Training**: 2 simulated rounds instead of 11; a minute on a CPU instead of 3–5 days on 256 A100
 #   GPUs (segment-anything.com FAQ). Text prompts need this chapter's CLIP text encoder; `SAMConfig(text_dim=...)` accepts
 #   its embeddings, and training them follows SAM appendix D.5 (CLIP image embeddings of the object's
 #   crop, `ST.object_crops`).
