@@ -192,6 +192,16 @@ TERMS: tuple[Term, ...] = (
     _t("contrastive loss (InfoNCE)", "对比损失 (InfoNCE)", "10", "Cross-entropy over the similarities of one item with every candidate, the true pair as the target (CLIP)."),
     _t("zero-shot classification", "零样本分类", "10", "Classifying images by comparing them with text prompts of class names, without training on those classes."),
     _t("promptable segmentation", "可提示分割", "10", "Producing a segmentation mask from a prompt such as a point or a box (Segment Anything)."),
+    # 10, part SAM (course.vision.sam)
+    _t("image segmentation", "图像分割", "10", "Labelling which pixels of an image belong to an object: the output is a mask.", "segmentation", "segmenter"),
+    _t("prompt (for segmentation)", "提示 (分割提示)", "10", "What tells a promptable segmenter which object to cut out: points, a box, a rough mask or text.", "prompt", "prompts"),
+    _t("mask", "掩码", "10", "A per-pixel yes/no map of an object; a model outputs logits, positive inside.", "masks"),
+    _t("prompt encoder", "提示编码器", "10", "Maps points and boxes to tokens (Fourier features plus learned type embeddings) and a mask to a dense map."),
+    _t("mask decoder", "掩码解码器", "10", "SAM's light two-way transformer that turns an image embedding and prompt tokens into masks and IoU scores."),
+    _t("random Fourier features", "随机傅里叶特征", "10", "sin and cos of a fixed random projection of coordinates, a position code that can resolve fine detail.", "Fourier features"),
+    _t("intersection over union (IoU)", "交并比 (IoU)", "10", "Area of overlap of two masks divided by the area of their union; mIoU is its mean over objects.", "IoU", "mIoU"),
+    _t("interactive segmentation", "交互式分割", "10", "Refining a mask click by click, each new click placed on the model's current error.", "clicks to reach", "NoC"),
+    _t("knowledge distillation", "知识蒸馏", "10", "Training a small student model to reproduce a bigger teacher's outputs or features.", "distillation", "distilled"),
     # 11 flash attention
     _t("FlashAttention", "FlashAttention (IO 感知的精确注意力)", "11", "Exact attention computed tile by tile in on-chip memory, never writing the T × T matrix (Dao et al. 2022)."),
     _t("online softmax", "在线 softmax", "11", "A softmax computed in one pass by keeping a running maximum and a rescaled running sum."),
