@@ -283,16 +283,16 @@ display(Markdown(f"The first {first_clean} steps overflowed and were skipped, ha
 from course.parallel import launch, mp_experiments as mp
 from course.parallel.experiments import Setup
 
-setup = Setup(steps=3, data="text", grad_clip=None)
-sharded = launch.run(mp.compare, 2, setup, timeout=300).values[0]
-ref = mp.autocast_step(setup)
+mp_setup = Setup(steps=3, data="text", grad_clip=None)
+sharded = launch.run(mp.compare, 2, mp_setup, timeout=300).values[0]
+ref = mp.autocast_step(mp_setup)
 z, f = sharded["zero3"], sharded["fsdp2"]
 assert z["losses"] == f["losses"] and all(torch.equal(z["params"][n], f["params"][n]) for n in f["params"])
-k, u = 8 * setup.n_layer + 6, 2.0 ** -8  # 16-bit roundings only the pure-bf16 run makes; bf16 rounding unit
+k, u = 8 * mp_setup.n_layer + 6, 2.0 ** -8  # 16-bit roundings only the pure-bf16 run makes; bf16 rounding unit
 rel = math.sqrt(sum(float(((z["grads0"][n] - ref["grads0"][n]) ** 2).sum()) for n in ref["grads0"])
                 / sum(float((g ** 2).sum()) for g in ref["grads0"].values()))
 assert abs(z["loss0"] - ref["loss0"]) <= k * u * ref["loss0"] and rel <= 2 * k * u
-display(Markdown(f"ZeRO-3 and FSDP2 agree bit for bit over {setup.steps} steps (master weights "
+display(Markdown(f"ZeRO-3 and FSDP2 agree bit for bit over {mp_setup.steps} steps (master weights "
                  f"{', '.join(z['master_dtype'])}). Against one process under autocast, the first loss differs by "
                  f"{abs(z['loss0'] - ref['loss0']) / ref['loss0']:.2%} and the gradient by {rel:.2%} (relative norm); "
                  f"the first-order bound from k = {k} extra bf16 roundings of at most 2^-8 is {k * u:.1%} and "
