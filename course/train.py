@@ -35,8 +35,8 @@ the loop continues at that step with that History.
 Schedules (`TrainConfig.schedule`, `lr_at`): every one warms up linearly over warmup_steps, then
 "cosine" (GPT-3, Brown et al. 2020 appendix B: cosine to 10% of the peak), "linear" decay to min_lr,
 "constant", or "wsd" (warmup-stable-decay: constant, then a linear cooldown to min_lr over the last
-`decay_fraction` of training; Hu et al. 2024, MiniCPM §4, and Hägele et al. 2024 §3, who find a
-cooldown of about 20% matches cosine).
+`decay_fraction` of training; Hu et al. 2024, MiniCPM §4, whose own cooldown is exponential, and
+Hägele et al. 2024 §3, whose linear cooldown this is: about 20% of training matches cosine).
 """
 from __future__ import annotations
 

@@ -107,8 +107,9 @@ Markdown(f"The smoothed loss falls fastest at {rt.steepest:.1e} and bottoms out 
 # ### Schedules: cosine, linear, warmup-stable-decay
 #
 # `TrainConfig.schedule` picks the shape after warmup. **WSD** (warmup-stable-decay) holds the peak
-# rate and decays only in a final cooldown (Hu et al. 2024, MiniCPM §4; Hägele et al. 2024 §3, who
-# find a cooldown of about 20% of training matches cosine, the default `decay_fraction` here). Its
+# rate and decays only in a final cooldown (Hu et al. 2024, MiniCPM §4, whose cooldown is exponential;
+# Hägele et al. 2024 §3, whose linear cooldown we use: about 20% of training matches cosine, the default
+# `decay_fraction` here). Its
 # appeal: the run need not know its length in advance, since any stable-phase state can be cooled
 # down. The tests check each schedule against its formula at chosen steps.
 
