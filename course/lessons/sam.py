@@ -6,6 +6,8 @@ clicks, metrics, distillation) and `course.train.train` (the one loop).
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
@@ -63,6 +65,8 @@ def train_text_prompts(sam: SAM, clip, sizes: Sizes, data: T.SceneBatches, seed:
     crop as the first prompt; the image side (ViT, neck, high-resolution stem) stays frozen, so only the
     prompt encoder and the decoder learn. -> (text segmenter, history)."""
     torch.manual_seed(seed)
+    data = copy.copy(data)  # the same scenes, drawn in a fixed order whatever was drawn from them before
+    data.gen = torch.Generator().manual_seed(seed)
     tsam = SAM(sam.cfg.replace(text_dim=clip.config.embed_dim))
     missing, unexpected = tsam.load_state_dict(sam.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("prompt_encoder.text_proj") for k in missing), (missing, unexpected)
