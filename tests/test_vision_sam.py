@@ -244,3 +244,39 @@ def test_a_short_training_run_beats_the_whole_box_baseline():
     ev = T.eval_set(40, seed=123)
     model, baseline = T.evaluate_boxes(sam, *ev).mean().item(), T.box_baseline_iou(ev[1]).mean().item()
     assert model > baseline + 0.05, (model, baseline)
+
+
+def test_text_prompts_train_end_to_end_from_clip_crop_embeddings():
+    """SAM appendix D.5's path: TextBatches gives CLIP's (unit) image embedding of each target's crop; then
+    the segmenter, prompted by an embedding alone, trains through the one loop. The fixed batch holds each
+    image TWICE with two different objects as targets, so the image alone cannot tell which mask is wanted:
+    after training, the loss with each row's own embedding must be below 0.7x the loss with the two rows'
+    embeddings swapped (a segmenter blind to the text scores both the same). The embeddings here are random
+    unit vectors: an untrained CLIP maps all crops to nearly one direction, which would test CLIP, not the
+    text path."""
+    from course.vision import data as vdata
+    from course.vision.clip import CLIP, CLIPConfig
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(vit=ViTConfig(n_layer=1, n_embd=32), text_layers=1, text_width=32, embed_dim=16))
+    sam = _model(CFG.replace(text_dim=16))
+    images, targets, embed = T.TextBatches(T.SceneBatches(n_train=50, n_val=10, batch=8), clip)("train")
+    assert embed.shape == (8, 16) and torch.allclose(embed.norm(dim=-1), torch.ones(8))  # CLIP's unit vectors
+    scenes = [s for s in vdata.make_scenes(40, seed=5) if (s.parent < 0).sum() >= 2][:4]
+    images = vdata.stack_images(scenes).repeat_interleave(2, 0)  # (8, 3, S, S): rows 2i and 2i+1 share an image
+    targets = torch.stack([s.masks[k] for s in scenes for k in (s.parent < 0).nonzero()[:2, 0].tolist()])
+    embed = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    trainer = T.InteractiveTrainer(sam, rounds=1)
+    trainer(images, targets, embed)[1].backward()
+    assert sam.prompt_encoder.text_proj.weight.grad.abs().sum() > 0
+    sam.zero_grad()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a batch of 8 tiny images: a second thread only contends on a busy machine
+    try:
+        train(trainer, lambda split: (images, targets, embed), TrainConfig(max_steps=60, lr=3e-3, warmup_steps=5,
+                                                                            eval_interval=1000, eval_iters=1, progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    swap = torch.arange(8).view(4, 2).flip(1).flatten()  # 1, 0, 3, 2, ...: the other object's crop
+    with torch.no_grad():
+        own, swapped = trainer(images, targets, embed)[1].item(), trainer(images, targets, embed[swap])[1].item()
+    assert own < 0.7 * swapped, (own, swapped)

@@ -6,6 +6,8 @@ clicks, metrics, distillation) and `course.train.train` (the one loop).
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 
 import matplotlib.pyplot as plt
@@ -29,6 +31,8 @@ class Sizes:
     n_train: int = 2000
     n_eval: int = 60
     distill_steps: int = 200
+    text_steps: int = 400
+    text_lr: float = 3e-3
     teacher: dict = field(default_factory=lambda: dict(enc_layers=3, enc_dim=64, enc_heads=4))
     student: dict = field(default_factory=lambda: dict(n_layer=1, n_embd=32, n_head=2))
 
@@ -53,6 +57,66 @@ def distill_encoder(teacher: SAM, sizes: Sizes, seed: int = 0):
                       eval_iters=2, seed=seed)
     hist = train(dist, T.image_batches(batch=sizes.batch, seed=seed + 1), cfg, label="distill")
     return dist.sam().eval(), hist
+
+
+def train_text_prompts(sam: SAM, clip, sizes: Sizes, data: T.SceneBatches, seed: int = 0):
+    """SAM appendix D.5 on the trained segmenter: a copy with a text channel (SAMConfig(text_dim=CLIP's
+    embedding width), a new linear projection), fine-tuned with the CLIP IMAGE embedding of each target's
+    crop as the first prompt; the image side (ViT, neck, high-resolution stem) stays frozen, so only the
+    prompt encoder and the decoder learn. -> (text segmenter, history)."""
+    torch.manual_seed(seed)
+    data = copy.copy(data)  # the same scenes, drawn in a fixed order whatever was drawn from them before
+    data.gen = torch.Generator().manual_seed(seed)
+    tsam = SAM(sam.cfg.replace(text_dim=clip.config.embed_dim))
+    missing, unexpected = tsam.load_state_dict(sam.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("prompt_encoder.text_proj") for k in missing), (missing, unexpected)
+    for part in (tsam.encoder, tsam.neck, tsam.hires):
+        if part is not None:
+            part.requires_grad_(False)
+    clip.requires_grad_(False)
+    cfg = TrainConfig(max_steps=sizes.text_steps, lr=sizes.text_lr, warmup_steps=min(10, sizes.text_steps), weight_decay=0.01,
+                      eval_interval=sizes.text_steps, eval_iters=2, seed=seed)
+    hist = train(T.InteractiveTrainer(tsam, rounds=1), T.TextBatches(data, clip), cfg, label="text prompts")
+    return tsam.eval(), hist
+
+
+def text_queries(scenes):
+    """Every top-level object of the scenes holding two or more top-level objects that read differently:
+    (scene index, object k, another top-level object j of the same scene, k's description as CLIP's captions
+    phrase it, "a red circle inside a blue square" for a nested one)."""
+    out = []
+    for i, s in enumerate(scenes):
+        top = [k for k, p in enumerate(s.parent.tolist()) if p < 0]
+        names = {k: vdata._describe(k, s.shapes, s.colours, s.parent.tolist()) for k in top}
+        if len(top) < 2 or len(set(names.values())) < len(top):
+            continue
+        out += [(i, k, top[(n + 1) % len(top)], names[k]) for n, k in enumerate(top)]
+    return out
+
+
+@torch.no_grad()
+def text_prompt_eval(tsam: SAM, clip, tokenizer, scenes, queries=None) -> dict:
+    """Prompt by CLIP's TEXT embedding of one object's name; IoU of the chosen mask with the named object
+    ('right') and with another object of the same scene ('wrong'). A segmenter that ignored the text would
+    score the two the same on average, since which object is named is symmetric."""
+    queries = text_queries(scenes) if queries is None else queries
+    images = vdata.stack_images([scenes[i] for i, *_ in queries])
+    text = clip.eval().encode_text(tokenizer.encode([q[3] for q in queries], clip.config.context))
+    logits, iou = tsam.predict(images, text=text)
+    pred = T.best_mask(logits, iou) > 0
+    right = T.mask_iou(pred, torch.stack([scenes[i].masks[k] for i, k, _, _ in queries]))
+    wrong = T.mask_iou(pred, torch.stack([scenes[i].masks[j] for i, _, j, _ in queries]))
+    return dict(right=right, wrong=wrong, queries=queries, text=text, masks=pred)
+
+
+def text_figure(scenes, ev: dict, n: int = 4):
+    """The first n text prompts: the image, then the chosen mask with its IoU against the named object."""
+    fig, axes = plt.subplots(2, n, figsize=(2.1 * n, 4.6), squeeze=False)
+    for c, (i, k, _, name) in enumerate(ev["queries"][:n]):
+        _show(axes[0, c], scenes[i].image, None, f"scene {i}")
+        _show(axes[1, c], scenes[i].image, ev["masks"][c], f'"{name}"\nIoU with it {ev["right"][c]:.2f}')
+    fig.tight_layout()
+    return fig
 
 
 def measure(sam: SAM, ev, max_clicks: int = 10) -> dict:

@@ -164,6 +164,23 @@ def object_crops(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return images * targets[:, None]
 
 
+class TextBatches:
+    """batch_fn for text prompts (SAM appendix D.5): (images, one object's mask, the CLIP IMAGE embedding of
+    that object's crop (B, E)). A frozen CLIP turns each crop into the embedding the segmenter learns to follow;
+    at inference CLIP's TEXT embedding of the object's name stands in for it."""
+
+    def __init__(self, scenes: "SceneBatches", clip: nn.Module):
+        self.scenes, self.clip = scenes, clip
+
+    @torch.no_grad()
+    def __call__(self, split: str):
+        images, targets = self.scenes(split)
+        was = self.clip.training
+        embed = self.clip.eval().encode_image(object_crops(images, targets))
+        self.clip.train(was)
+        return images, targets, embed
+
+
 class SceneBatches:
     """Random (image, one object's whole mask) pairs from generated scenes; batch_fn(split) for train()."""
 
