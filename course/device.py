@@ -9,6 +9,7 @@ tensor-core peaks from the vendor data sheets; CPU peaks are unknown, so MFU is 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from dataclasses import dataclass, field
@@ -118,3 +119,19 @@ def machine_info() -> dict:
         info["cuda"] = torch.version.cuda
         info["gpu_count"] = torch.cuda.device_count()
     return info
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int = 1):
+    """Run the block with torch.set_num_threads(n), then restore. For tiny models on a shared CPU: two
+    OpenMP threads spinning against other processes made a lesson's training 20x slower than one thread
+    (4.7 s against 0.2 s a step here). Results match the lesson's own one-thread setting."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"cpu_threads: n must be an integer >= 1, got {n!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+

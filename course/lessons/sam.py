@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ..device import cpu_threads
 from ..train import TrainConfig, train
 from ..vision import data as vdata
 from ..vision import sam_train as T
@@ -44,7 +45,8 @@ def train_segmenter(sizes: Sizes, seed: int = 0):
     sam = SAM(SAMConfig(**sizes.teacher))
     cfg = TrainConfig(max_steps=sizes.steps, lr=3e-3, warmup_steps=min(20, sizes.steps), weight_decay=0.01, eval_interval=100,
                       eval_iters=2, seed=seed)
-    hist = train(T.InteractiveTrainer(sam, rounds=sizes.rounds), data, cfg, label="segmenter")
+    with cpu_threads(1):  # tiny model: one thread, also when run outside the lesson's set-up
+        hist = train(T.InteractiveTrainer(sam, rounds=sizes.rounds), data, cfg, label="segmenter")
     return sam.eval(), hist, data
 
 
@@ -55,7 +57,8 @@ def distill_encoder(teacher: SAM, sizes: Sizes, seed: int = 0):
     dist = T.EncoderDistiller(teacher, student_cfg)
     cfg = TrainConfig(max_steps=sizes.distill_steps, lr=3e-3, warmup_steps=min(10, sizes.distill_steps), weight_decay=0.01, eval_interval=100,
                       eval_iters=2, seed=seed)
-    hist = train(dist, T.image_batches(batch=sizes.batch, seed=seed + 1), cfg, label="distill")
+    with cpu_threads(1):  # tiny model: one thread, also when run outside the lesson's set-up
+        hist = train(dist, T.image_batches(batch=sizes.batch, seed=seed + 1), cfg, label="distill")
     return dist.sam().eval(), hist
 
 
@@ -76,7 +79,8 @@ def train_text_prompts(sam: SAM, clip, sizes: Sizes, data: T.SceneBatches, seed:
     clip.requires_grad_(False)
     cfg = TrainConfig(max_steps=sizes.text_steps, lr=sizes.text_lr, warmup_steps=min(10, sizes.text_steps), weight_decay=0.01,
                       eval_interval=sizes.text_steps, eval_iters=2, seed=seed)
-    hist = train(T.InteractiveTrainer(tsam, rounds=1), T.TextBatches(data, clip), cfg, label="text prompts")
+    with cpu_threads(1):  # tiny model: one thread, also when run outside the lesson's set-up
+        hist = train(T.InteractiveTrainer(tsam, rounds=1), T.TextBatches(data, clip), cfg, label="text prompts")
     return tsam.eval(), hist
 
 
