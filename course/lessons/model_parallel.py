@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from ..costs import (LINKS, data_parallel_layer_bytes, korthikanti_flops, layer_activation_bytes, link_seconds,
-                     ring_attention_bytes, ring_attention_saved_bytes, tensor_parallel_bytes, ulysses_bytes)
+                     ring_attention_bytes, ring_attention_saved_bytes, tensor_parallel_bytes, tensor_parallel_layer_bytes,
+                     ulysses_bytes)
 from ..parallel.comm import Comm
 from ..parallel.context import ring_attention
 from ..parallel.cp_experiments import PATTERNS, check_attention, memory_sweep, train_cp
@@ -242,3 +243,28 @@ def plot_memory_vs_length(dense: list[dict], sweep: dict[str, list[dict]], B: in
     ax.set_ylabel("attention memory per rank (MiB, fp32)")
     ax.legend(fontsize=7, ncol=2)
     return ax
+
+
+SAVED_PARTS = {"LayerNorms": ("ln_1", "ln_2"), "dropout masks": ("attn.resid_dropout", "mlp.dropout"),
+               "linears and attention": ("attn.c_attn", "attn.core", "attn.c_proj", "mlp.c_fc", "mlp.gelu",
+                                         "mlp.c_proj")}
+
+
+def plot_saved_by_part(mem: dict, s: int, b: int, h: int, n_head: int, t: int, ax=None):
+    """Stacked bars of what block 0 saves for backward (measured, by module group) for one process, tensor
+    parallel and + sequence parallel, each with its formula (tensor_parallel_layer_bytes) as a black line."""
+    ax = ax or plt.subplots(figsize=(7, 3.5))[1]
+    for i, label in enumerate(("whole", "tensor", "sequence")):
+        bottom = 0
+        for j, (part, modules) in enumerate(SAVED_PARTS.items()):
+            v = sum(mem[label]["by_module"].get(f"blocks.0.{m}", 0) for m in modules) / 1e3
+            ax.bar(i, v, bottom=bottom, color=f"C{j}", label=part if i == 0 else None)
+            bottom += v
+        formula = sum(tensor_parallel_layer_bytes(s, b, h, n_head, 1 if label == "whole" else t, bytes_per_el=4,
+                                                  sequence_parallel=label == "sequence", dropout=True).values())
+        ax.plot([i - 0.4, i + 0.4], [formula / 1e3] * 2, color="black", lw=2, label="formula" if i == 0 else None)
+    ax.set_xticks(range(3), ["one process", f"tensor parallel\n(per rank, t={t})", f"+ sequence parallel\n(per rank, t={t})"])
+    ax.set_ylabel("bytes one block saves for backward (kB)")
+    ax.legend(fontsize=8)
+    return ax
+

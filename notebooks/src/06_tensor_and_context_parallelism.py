@@ -145,21 +145,7 @@ display(Markdown(
 
 # %%
 mem = two.values[0]["memory"]
-parts = {"LayerNorms": ("ln_1", "ln_2"), "dropout masks": ("attn.resid_dropout", "mlp.dropout"),
-         "linears and attention": ("attn.c_attn", "attn.core", "attn.c_proj", "mlp.c_fc", "mlp.gelu", "mlp.c_proj")}
-fig, ax = plt.subplots(figsize=(7, 3.5))
-for i, label in enumerate(("whole", "tensor", "sequence")):
-    bottom = 0
-    for j, (part, modules) in enumerate(parts.items()):
-        v = sum(mem[label]["by_module"].get(f"blocks.0.{m}", 0) for m in modules) / 1e3
-        ax.bar(i, v, bottom=bottom, color=f"C{j}", label=part if i == 0 else None)
-        bottom += v
-    formula = sum(tensor_parallel_layer_bytes(s, b, h, setup.n_head, 1 if label == "whole" else t,
-                                              sequence_parallel=label == "sequence", bytes_per_el=4, dropout=True).values())
-    ax.plot([i - 0.4, i + 0.4], [formula / 1e3] * 2, color="black", lw=2, label="formula" if i == 0 else None)
-ax.set_xticks(range(3), ["one process", "tensor parallel\n(per rank, t=2)", "+ sequence parallel\n(per rank, t=2)"])
-ax.set_ylabel("bytes one block saves for backward (kB)")
-ax.legend(fontsize=8);
+mp.plot_saved_by_part(mem, s, b, h, setup.n_head, t);
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -211,9 +211,13 @@ for (name, m, v), c in run["cases"].items():
     rows.append(f"| {L.TITLES[name]}{' v=2' if v > 1 else ''} | {m} | {tl.bubble:.3f} | {replays[(name, m, v)].bubble:.3f} | "
                 f"{sm.bubble:.3f} | {share} | {tl.bubble_ratio:.3f} | {sm.bubble_ratio:.3f} | "
                 f"{'—' if r is None else f'{r:.3f}'} |")
+display(Markdown("\n".join(rows)))
+
+# %%
+# NBVAL_IGNORE_OUTPUT
 load = os.getloadavg()[0]
 gap, worst = max((c["timeline"].bubble - sim[k].bubble, k) for k, c in run["cases"].items())
-display(Markdown("\n".join(rows) + f"\n\nFormulas: (p−1)/m for GPipe and 1F1B, (p−1)/(vm) interleaved (Narayanan et al. "
+display(Markdown(f"Formulas: (p−1)/m for GPipe and 1F1B, (p−1)/(vm) interleaved (Narayanan et al. "
                  f"2021, §2.2), (p−1)(F+I−W)/(m(F+I+W)) for ZB-H1 with m ≥ p (Qi et al. 2023, §2.1 and §2.3 "
                  f"Table 2; — where m < p); "
                  f"idle share = ratio/(1 + ratio). The measured idle share exceeds the simulated one by at most "

@@ -241,6 +241,8 @@ for name, r in runs.items():
     # sd·sqrt(2/3) = 0.8 sd, so 3 sd is ~3.7 standard errors
     assert gap < 3 * sd, (name, gap, sd)
     assert name == "fp32" or r["memory"].activations < fp32["memory"].activations  # 16-bit activations saved
+
+# %%
 act = {k: r["memory"].activations / fp32["memory"].activations for k, r in runs.items()}
 speed = {k: statistics.mean(r["tokens_per_s"]) / statistics.mean(fp32["tokens_per_s"]) for k, r in runs.items()}
 display(Markdown(
@@ -533,6 +535,8 @@ try:
     ck.read(newest)
 except ck.CheckpointError as e:
     print("refused:", str(e).replace(str(run_dir) + "/", ""))
+
+# %%
 threads = torch.get_num_threads()
 torch.set_num_threads(1)  # the same thread count as the uninterrupted run
 model, batch_fn, gen, cfg = ft.build(ft.Spec(seed=3))  # other initial weights and data seed: all restored
@@ -623,6 +627,8 @@ for name, kw in over.items():
         curves[name].append(h)
         return {**out, "best val": min(h.val_loss)}
     over_cmp[name] = compare({name: one}, SEEDS)[name]
+
+# %%
 curves["+ gradient noise"] = []
 
 

@@ -332,6 +332,8 @@ sparse, dense = probe.prompt_encoder(points=pts, labels=lab, boxes=torch.tensor(
 sparse_swapped, _ = probe.prompt_encoder(points=pts[:, [1, 0]], labels=lab[:, [1, 0]], boxes=torch.tensor([[2.0, 3, 14, 15]]))
 assert torch.equal(sparse_swapped[:, [1, 0, 2, 3]], sparse)  # a set of tokens: order carries nothing
 print("tokens for 2 clicks + 1 box:", tuple(sparse.shape), " dense (no mask):", tuple(dense.shape))
+
+# %%
 fig, ax = plt.subplots(figsize=(3.4, 3))
 im = ax.imshow(sim.detach(), cmap="coolwarm", vmin=-1, vmax=1)
 ax.plot(20, 8, "k*"), ax.set_xlabel("x (pixels)"), ax.set_ylabel("y (pixels)")
