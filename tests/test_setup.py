@@ -1,5 +1,7 @@
 """The set-up promises of the README: one test command, matching dependency lists, executed lessons."""
 import json
+import os
+import shutil
 import re
 import subprocess
 import sys
@@ -73,3 +75,16 @@ def test_python_dash_m_course_lists_chapters_and_device():
     assert "Device:" in out and "Profile:" in out
     for path in NOTEBOOKS:
         assert path.name[:2] in out
+
+
+def test_make_runs_everything_with_passive_openmp_threads(tmp_path):
+    """Spinning OpenMP threads made lessons 2x slower beside one busy process (README, 'A busy machine')."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    probe = tmp_path / "probe.mk"
+    probe.write_text("probe:\n\t@echo $$OMP_WAIT_POLICY\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "-f", str(probe), "probe"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "PASSIVE"
+    assert "OMP_WAIT_POLICY: PASSIVE" in (ROOT / "environment.yml").read_text()

@@ -98,6 +98,7 @@ def run_one(path: str, timeout: int = 1200) -> None:
     """Execute cell by cell in one kernel (printing each code cell's seconds), save outputs + widget state."""
     nb = nbformat.read(path, as_version=4)
     nb.metadata.pop("widgets", None)  # never keep the state of an earlier run
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as make sets it (README, 'A busy machine')
     start = time.time()
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                             resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}})
