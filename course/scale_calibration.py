@@ -103,6 +103,19 @@ def fit_compute(samples) -> tuple[float, float, float]:
     return max(step, 0.0), max(per_pass, 0.0), 1.0 / inv_rate
 
 
+def call_overhead(links, collective: tuple) -> float:
+    """Seconds a blocking call costs beyond α–β: the "sync" samples (a small all-reduce right after
+    compute, course.parallel.calibration_runs) less the fitted time of the same all-reduce back to back.
+    0 when there are no such samples or they are not slower."""
+    from .costs import collective_seconds
+    sync = [(n, w, secs) for op, n, w, secs in links if op == "sync"]
+    if not sync:
+        return 0.0
+    a, b = collective
+    extra = [secs - collective_seconds("all_reduce", n, w, b, a) for n, w, secs in sync]
+    return max(sum(extra) / len(extra), 0.0)
+
+
 def cpu_case(runs, rate: float, collective: tuple, p2p: tuple, layout):
     """(GPTSpec, Cluster) of the calibration runs' model on layout.world CPU processes with gloo links:
     collectives (tensor, data) on the fitted all-reduce link (α, β), pipeline sends on the fitted
@@ -117,9 +130,12 @@ def cpu_case(runs, rate: float, collective: tuple, p2p: tuple, layout):
 
 
 CPU_LAYOUTS = {"DP 2": dict(dp=2), "TP 2": dict(tp=2), "PP 2": dict(pp=2), "3D 2x2x2": dict(dp=2, tp=2, pp=2)}
-# how each measured layout reduces its gradients: DataParallel's buckets overlap the backward (DDP's
-# design); the 3D model averages them after the schedule (course.parallel.threed)
-CPU_OVERLAP = {"3D 2x2x2": 0.0}
+# How much of the gradient reduce hides behind the backward. On a GPU, DDP's buckets go out on the
+# network while the backward runs (overlap 1). Here every core runs a rank's backward and gloo's
+# all-reduce sums and copies on those same cores, so nothing is hidden (overlap 0): with overlap 1 the
+# simulator put DP 2 at -18 % to -20 %, with 0 at -8 % (quiet 2-core AMD EPYC). The 3D model averages
+# after the schedule anyway (course.parallel.threed).
+CPU_OVERLAP = {"DP 2": 0.0, "3D 2x2x2": 0.0}
 
 
 def cpu_layout(runs, name: str, dims: dict = None):
@@ -137,19 +153,33 @@ def calibrate_cpu(res: dict, layouts: dict | None = None) -> dict:
     measured layout with course.simulate: {"fit": ..., "layouts": {name: (measured, predicted, error)}}."""
     from . import costs, simulate
     runs = res["runs"]
-    coll = fit_alpha_beta([x for x in res["links"] if x[0] != "send"])
+    coll = fit_alpha_beta([x for x in res["links"] if x[0] not in ("send", "sync")])
     p2p = fit_alpha_beta([x for x in res["links"] if x[0] == "send"])
+    # A rank waiting in a collective idles its core only when it has one of its own. With more ranks
+    # than cores (8 on 2 here) the core runs another rank meanwhile: the fitted compute rate of ranks
+    # sharing cores already holds that time, and adding the wait counted it twice (3D 2x2x2: +24 % to
+    # +32 % with it, -8 % to 0 % without, on the quiet 2-core AMD EPYC; issue 14's closing note).
+    measured_call = call_overhead(res["links"], coll)
+    own_core = res.get("world", 1) <= (res.get("cores") or 1)
+    call = measured_call if own_core else 0.0
     flops = [(costs.korthikanti_flops(runs.block_size, b, runs.n_embd, runs.n_layer, runs.vocab_size), k, t)
              for b, k, t in res["compute"]]
     overhead, per_pass, rate = fit_compute(flops)
-    out = {"fit": {"collective": coll, "p2p": p2p, "rate": rate, "overhead": overhead, "pass_overhead": per_pass},
+    out = {"fit": {"collective": coll, "p2p": p2p, "rate": rate, "overhead": overhead, "pass_overhead": per_pass,
+                   "call_overhead": call, "call_overhead_measured": measured_call},
            "layouts": {}}
     for name, measured in res["layouts"].items():
         dims = (layouts or CPU_LAYOUTS)[name]
         lay = cpu_layout(runs, name, dims)
         spec, cl = cpu_case(runs, rate, coll, p2p, lay)
-        sim = simulate.simulate(spec, cl, lay, efficiency=1.0, bytes_per_el=4, step_overhead=overhead,
-                                pass_overhead=per_pass, buckets=runs.dp_buckets, overlap_dp=CPU_OVERLAP.get(name, 1.0),
-                                scatter_gather=False)  # our pipeline sends whole activations from every tensor rank
+        kw = dict(efficiency=1.0, bytes_per_el=4, step_overhead=overhead, pass_overhead=per_pass,
+                  buckets=runs.dp_buckets, overlap_dp=CPU_OVERLAP.get(name, 1.0), call_overhead=call,
+                  scatter_gather=False,  # our pipeline sends whole activations from every tensor rank
+                  vocab_parallel=True)  # and our tensor parallelism splits the embedding, head and loss
+        sim = simulate.simulate(spec, cl, lay, **kw)
         out["layouts"][name] = (measured, sim.step, sim.step / measured - 1)
+        if call != measured_call:  # what charging the measured wait would have predicted
+            kw["call_overhead"] = measured_call
+            charged = simulate.simulate(spec, cl, lay, **kw).step
+            out.setdefault("charged", {})[name] = (charged, charged / measured - 1)
     return out

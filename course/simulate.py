@@ -83,12 +83,16 @@ def _check_positive(name, x, integer=False, zero=False):
 
 
 def action_costs(model, cluster, layout, *, efficiency: float = 0.5, bytes_per_el: int = 2,
-                 scatter_gather: bool = True, tensor_within_node: bool = True, pass_overhead: float = 0.0) -> dict:
+                 scatter_gather: bool = True, tensor_within_node: bool = True, pass_overhead: float = 0.0,
+                 call_overhead: float = 0.0) -> dict:
     """Seconds of one chunk's F and B for one micro-batch (compute, tensor, context), of a pipeline hop,
     and the data-parallel collectives per rank, from the planner's counts (`course.scale.plan`).
     pass_overhead: fixed seconds of one forward + backward of the whole model (Python, kernel launches),
-    whatever its size; a chunk pays its layers' share, which tensor parallelism does not divide."""
+    whatever its size; a chunk pays its layers' share, which tensor parallelism does not divide.
+    call_overhead: seconds every blocking collective or pipeline hop costs beyond its α–β time (waiting
+    for the partner that arrives later, waking up): measured on CPU ranks, 0 for the planner's GPUs."""
     _check_positive("pass_overhead", pass_overhead, zero=True)
+    _check_positive("call_overhead", call_overhead, zero=True)
     scale.validate(model, cluster, layout, tensor_within_node)
     _check_positive("efficiency", efficiency)
     if efficiency > 1:
@@ -105,17 +109,23 @@ def action_costs(model, cluster, layout, *, efficiency: float = 0.5, bytes_per_e
     per_action = compute / (cluster.gpu.peak_flops * efficiency) / (m * v)  # F + B of one chunk, one micro-batch
     fwd = 1 / 4 if full else 1 / 3  # backward = 2 forwards (+ 1 recomputed forward)
     msg = b * sl * h * bytes_per_el  # one layer's activations of one micro-batch
-    ar = costs.collective_seconds("all_reduce", msg, t, *bw["tensor"])
+    ar = costs.collective_seconds("all_reduce", msg, t, *bw["tensor"]) + call_overhead
     kv = costs.collective_seconds("send", 2 * msg / t, 2, *bw["context"]) if L.cp > 1 else 0.0
     hop = costs.collective_seconds("send", msg / t if scatter_gather and t > 1 else msg, 2, *bw["pipeline"])
+    hop += call_overhead
     if scatter_gather and t > 1:
         hop += costs.collective_seconds("all_gather", msg, t, *bw["tensor"])
+    # the vocabulary-parallel ends (Shoeybi et al. 2019 §3): the embedding's output all-reduce (first
+    # chunk's F), the head's input-gradient all-reduce (last chunk's B) and cross-entropy's three
+    # all-reduces of one fp32 number per token (max, target logit, sum of exponentials; last chunk's F)
+    ce = 3 * costs.collective_seconds("all_reduce", b * sl * 4, t, *bw["tensor"]) + 3 * call_overhead if t > 1 else 0.0
+    vocab = {"first_F": ar if t > 1 else 0.0, "last_F": ce, "last_B": ar if t > 1 else 0.0}
     fixed = pass_overhead * lpc / model.n_layer
     return {"F": (per_action + fixed) * fwd, "B": (per_action + fixed) * (1 - fwd),
             "tensor_F": lpc * 2 * ar, "tensor_B": lpc * (4 if full else 2) * ar,
             "context_F": lpc * (L.cp - 1) * kv, "context_B": lpc * (L.cp - 1) * (3 if full else 2) * kv,
             "hop": hop if p > 1 else 0.0, "data_link": bw["data"], "d": d, "links": links,
-            "bytes_per_el": bytes_per_el}
+            "bytes_per_el": bytes_per_el, "call_overhead": call_overhead, "vocab": vocab}
 
 
 def chunk_params(model, layout, stage: int) -> float:
@@ -136,9 +146,11 @@ def _one_rank_schedule(m: int) -> schedules.Schedule:
 def simulate(model, cluster, layout, *, efficiency: float = 0.5, buckets: int = 4, bytes_per_el: int = 2,
              grad_bytes_per_el: int | None = None, step_overhead: float = 0.0, pass_overhead: float = 0.0,
              overlap_dp: float = 1.0, pipeline_link: bool = True, scatter_gather: bool = True,
-             tensor_within_node: bool = True) -> Simulation:
+             tensor_within_node: bool = True, call_overhead: float = 0.0, vocab_parallel: bool = False) -> Simulation:
     """Play one iteration of `layout`; see the module docstring. buckets: data-parallel buckets per chunk.
-    step_overhead: seconds of the optimizer step (after the reduce); pass_overhead: see `action_costs`.
+    step_overhead: seconds of the optimizer step (after the reduce); pass_overhead, call_overhead (also
+    paid by each data-parallel bucket): see `action_costs`. vocab_parallel: also play the collectives of
+    the vocabulary-parallel embedding, head and cross-entropy (off: as the planner, which leaves them out).
     overlap_dp: the share of the backward the buckets spread over (1: bucket k of n is ready k/n of the
     way through, as in DDP; 0: all ready when it ends, a reduce after backward). pipeline_link=False: hops are free."""
     if not (isinstance(overlap_dp, (int, float)) and 0 <= overlap_dp <= 1):
@@ -146,7 +158,8 @@ def simulate(model, cluster, layout, *, efficiency: float = 0.5, buckets: int = 
     _check_positive("buckets", buckets, integer=True)
     _check_positive("step_overhead", step_overhead, zero=True)
     c = action_costs(model, cluster, layout, efficiency=efficiency, bytes_per_el=bytes_per_el,
-                     scatter_gather=scatter_gather, tensor_within_node=tensor_within_node, pass_overhead=pass_overhead)
+                     scatter_gather=scatter_gather, tensor_within_node=tensor_within_node, pass_overhead=pass_overhead,
+                     call_overhead=call_overhead)
     L, d, link = layout, c["d"], c["data_link"]
     gbytes = grad_bytes_per_el or bytes_per_el
     S = L.pp * L.v
@@ -160,8 +173,14 @@ def simulate(model, cluster, layout, *, efficiency: float = 0.5, buckets: int = 
                    for op in ("all_gather", "reduce_scatter")}
             z3[st] = {"F": per["all_gather"], "B": per["all_gather"] + per["reduce_scatter"]}
 
+    def tensor(a):  # seconds of tensor-parallel collectives in action a (a.stage: its chunk)
+        secs, v = c[f"tensor_{a.kind}"], c["vocab"]
+        if vocab_parallel:
+            secs += (v["first_F"] if a.stage == 0 and a.kind == "F" else 0.0) + (v[f"last_{a.kind}"] if a.stage == S - 1 else 0.0)
+        return secs
+
     def busy(a):  # seconds the compute stream is busy with action a
-        comm = c[f"tensor_{a.kind}"] + c[f"context_{a.kind}"]
+        comm = tensor(a) + c[f"context_{a.kind}"]
         return max(c[a.kind], z3[a.stage][a.kind]) + comm if z3 else c[a.kind] + comm
 
     sched = schedules.make(L.schedule, L.pp, L.n_micro, L.v) if L.pp > 1 else _one_rank_schedule(L.n_micro)
@@ -172,23 +191,24 @@ def simulate(model, cluster, layout, *, efficiency: float = 0.5, buckets: int = 
             work = max(c[a.kind], z3[a.stage][a.kind]) if z3 else c[a.kind]
             spans.append(Span(r, "compute", a.kind, str(a), start, start + work))
             x = start + work
-            for kind in ("tensor", "context"):
-                if c[f"{kind}_{a.kind}"]:
-                    spans.append(Span(r, "compute", kind, str(a), x, x + c[f"{kind}_{a.kind}"]))
-                    x += c[f"{kind}_{a.kind}"]
+            for kind, secs in (("tensor", tensor(a)), ("context", c[f"context_{a.kind}"])):
+                if secs:
+                    spans.append(Span(r, "compute", kind, str(a), x, x + secs))
+                    x += secs
             if z3:
                 spans.append(Span(r, "data", "gather", str(a), start, start + z3[a.stage][a.kind]))
             sends = (a.kind == "F" and a.stage < S - 1) or (a.kind == "B" and a.stage > 0)
             if sends and c["hop"] and pipeline_link:
                 spans.append(Span(r, "pipeline", "send", str(a), end, end + c["hop"]))
-        spans += _data_parallel(r, events, L, d, link, gbytes, model, buckets, step_overhead, z3, overlap_dp)
+        spans += _data_parallel(r, events, L, d, link, gbytes, model, buckets, step_overhead, z3, overlap_dp,
+                                c["call_overhead"])
     stride = {dim: 1 for dim in L.order}
     for i in range(len(L.order) - 2, -1, -1):
         stride[L.order[i]] = stride[L.order[i + 1]] * L.sizes()[L.order[i + 1]]
     return Simulation(L, spans, c, [r * stride["pipeline"] for r in range(L.pp)])
 
 
-def _data_parallel(r, events, L, d, link, gbytes, model, buckets, overhead, z3, overlap) -> list[Span]:
+def _data_parallel(r, events, L, d, link, gbytes, model, buckets, overhead, z3, overlap, call=0.0) -> list[Span]:
     """The rank's bucketed gradient reduce on the data link (FIFO), the optimizer step, ZeRO-1's gather."""
     end = max(e for _, _, e in events)
     if d == 1 or z3:
@@ -200,10 +220,10 @@ def _data_parallel(r, events, L, d, link, gbytes, model, buckets, overhead, z3, 
         if a.kind == "B":
             last[a.stage] = (a, start, stop)
             if L.zero == 2:
-                ready += _buckets(a, start, stop, op, gbytes * chunk_params(model, L, a.stage), d, link, buckets, overlap)
+                ready += _buckets(a, start, stop, op, gbytes * chunk_params(model, L, a.stage), d, link, buckets, overlap, call)
     if L.zero != 2:
         for a, start, stop in last.values():
-            ready += _buckets(a, start, stop, op, gbytes * chunk_params(model, L, a.stage), d, link, buckets, overlap)
+            ready += _buckets(a, start, stop, op, gbytes * chunk_params(model, L, a.stage), d, link, buckets, overlap, call)
     out, free = [], 0.0
     for when, secs, label in sorted(ready):
         t0 = max(when, free)
@@ -219,8 +239,8 @@ def _data_parallel(r, events, L, d, link, gbytes, model, buckets, overhead, z3, 
     return out
 
 
-def _buckets(a, start, stop, op, nbytes, d, link, n, overlap=1.0):
+def _buckets(a, start, stop, op, nbytes, d, link, n, overlap=1.0, call=0.0):
     """n equal buckets of a chunk's gradients, the k-th complete (k+1)/n of the way through the last
     `overlap` share of its backward."""
-    secs = costs.collective_seconds(op, nbytes / n, d, *link)
+    secs = costs.collective_seconds(op, nbytes / n, d, *link) + call
     return [(stop - overlap * (1 - (k + 1) / n) * (stop - start), secs, f"{a} bucket {k}") for k in range(n)]

@@ -138,6 +138,8 @@ def test_calibrate_cpu_predicts_synthetic_runs_exactly():
     coll, p2p, rate, over, per_pass = (1e-4, 1e9), (5e-5, 3e9), 2e10, 0.02, 0.004
     links = [(op, n, 2, costs.collective_seconds(op, n, 2, *((coll if op != "send" else p2p)[::-1])))
              for op in ("all_reduce", "send") for n in r.link_sizes]
+    call = 7e-4  # each blocking call waits this long for its partner
+    links.append(("sync", 1024, 2, costs.collective_seconds("all_reduce", 1024, 2, coll[1], coll[0]) + call))
     comp = [(b, k, over + k * per_pass + costs.korthikanti_flops(r.block_size, b, r.n_embd, r.n_layer,
                                                                    r.vocab_size) / rate) for b, k in r.compute_runs]
     layouts = {}
@@ -146,16 +148,32 @@ def test_calibrate_cpu_predicts_synthetic_runs_exactly():
         spec, cl = cal.cpu_case(r, rate, coll, p2p, lay)
         layouts[name] = simulate.simulate(spec, cl, lay, efficiency=1.0, bytes_per_el=4, step_overhead=over,
                                           pass_overhead=per_pass, buckets=r.dp_buckets,
-                                          overlap_dp=cal.CPU_OVERLAP.get(name, 1.0), scatter_gather=False).step
+                                          overlap_dp=cal.CPU_OVERLAP.get(name, 1.0), scatter_gather=False,
+                                          call_overhead=call, vocab_parallel=True).step
     out = cal.calibrate_cpu({"runs": r, "links": links, "compute": comp, "layouts": layouts})
     assert all(abs(err) < 1e-9 for _, _, err in out["layouts"].values())
+    assert out["fit"]["call_overhead"] == pytest.approx(call, rel=1e-6)  # lstsq rounding of α, β
+    shared = cal.calibrate_cpu({"runs": r, "links": links, "compute": comp, "layouts": layouts, "world": 8, "cores": 2})
+    assert shared["fit"]["call_overhead"] == 0.0  # ranks sharing cores: a wait is another rank's compute
+    assert shared["fit"]["call_overhead_measured"] == pytest.approx(call, rel=1e-6)
+
+
+def test_calibration_summarises_repeats_by_the_statistic_asked_for():
+    from course.parallel.calibration_runs import Runs, summary
+    times = [0.001, 0.002, 0.006]
+    assert (summary(times), summary(times, "median"), summary(times, "min")) == pytest.approx((0.003, 0.002, 0.001))
+    with pytest.raises(ValueError, match="statistic.*'max'"):
+        Runs(statistic="max")
+    with pytest.raises(ValueError, match="no times"):
+        summary([])
 
 
 def test_bad_inputs():
     lay = scale.Layout(dp=8, n_micro=1)
     for kw, match in ((dict(buckets=0), "buckets"), (dict(step_overhead=-1.0), "step_overhead"),
                       (dict(efficiency=1.5), "efficiency"), (dict(bytes_per_el=0), "bytes_per_el"),
-                      (dict(overlap_dp=2), "overlap_dp"), (dict(pass_overhead=-1), "pass_overhead")):
+                      (dict(overlap_dp=2), "overlap_dp"), (dict(pass_overhead=-1), "pass_overhead"),
+                      (dict(call_overhead=-1e-3), "call_overhead")):
         with pytest.raises(ValueError, match=match):
             simulate.simulate(SMALL, NODE, lay, **kw)
     with pytest.raises(ValueError, match="dp x tp x pp x cp"):
@@ -166,3 +184,13 @@ def test_bad_inputs():
         cal.fit_alpha_beta([("send", 1e3, 2, 1e-5), ("send", 1e3, 2, 1e-5)])
     with pytest.raises(ValueError, match="op in"):
         cal.fit_alpha_beta([("broadcast", 1e3, 2, 1e-5), ("send", 1e4, 2, 1e-5)])
+
+
+def test_vocabulary_parallel_ends_add_their_collectives_once_per_micro_batch():
+    """Embedding all-reduce (F), head input-gradient all-reduce (B), cross-entropy's three small ones (F):
+    on one pipeline stage, m micro-batches pay them m times, on the compute stream."""
+    lay = scale.Layout(dp=4, tp=2, n_micro=4)  # the reduce after the backward (overlap 0) shifts with it
+    off, on = (simulate.simulate(SMALL, NODE, lay, vocab_parallel=v, overlap_dp=0.0) for v in (False, True))
+    v = on.cost["vocab"]
+    assert v["first_F"] > 0 and v["last_F"] > 0 and v["last_B"] > 0
+    assert on.step - off.step == pytest.approx(lay.n_micro * (v["first_F"] + v["last_F"] + v["last_B"]), rel=1e-9)

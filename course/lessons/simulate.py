@@ -68,12 +68,12 @@ def plot_gantt(sim: simulate.Simulation, ranks=None, ax=None, window=None, title
     return ax
 
 
-def cpu_calibration(runs=None, timeout: float = 300.0) -> dict:
-    """Measure on 2 CPU ranks (course.parallel.calibration_runs), fit, predict: calibrate_cpu's result
-    plus the raw measurement under "measured"."""
+def cpu_calibration(runs=None, timeout: float = 300.0, three_d: bool = False) -> dict:
+    """Measure on 2 CPU ranks (three_d: 8, the 2 x 2 x 2 layout) with course.parallel.calibration_runs,
+    fit, predict: calibrate_cpu's result plus the raw measurement under "measured"."""
     from ..parallel import launch
     from ..parallel.calibration_runs import Runs, measure
-    res = launch.run(measure, 2, runs or Runs(), timeout=timeout).values[0]
+    res = launch.run(measure, 8 if three_d else 2, runs or Runs(), three_d, timeout=timeout).values[0]
     return {**cal.calibrate_cpu(res), "measured": res}
 
 
