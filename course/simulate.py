@@ -176,7 +176,8 @@ def simulate(model, cluster, layout, *, efficiency: float = 0.5, buckets: int = 
     def tensor(a):  # seconds of tensor-parallel collectives in action a (a.stage: its chunk)
         secs, v = c[f"tensor_{a.kind}"], c["vocab"]
         if vocab_parallel:
-            secs += (v["first_F"] if a.stage == 0 and a.kind == "F" else 0.0) + (v[f"last_{a.kind}"] if a.stage == S - 1 else 0.0)
+            secs += v["first_F"] if a.stage == 0 and a.kind == "F" else 0.0
+            secs += v[f"last_{a.kind}"] if a.stage == S - 1 else 0.0
         return secs
 
     def busy(a):  # seconds the compute stream is busy with action a
