@@ -98,6 +98,15 @@ def summary(times, statistic: str = "mean") -> float:
     return STATISTICS[statistic](torch.tensor(list(times), dtype=torch.float64)).item()
 
 
+def _sample(op: str, nbytes: int, world: int, trips: list, statistic: str, raw: dict | None) -> tuple:
+    """(op, bytes, world, seconds) from this rank's repeats, as rank 0 saw them (the same on every rank)."""
+    times = torch.tensor(trips, dtype=torch.float64)
+    dist.broadcast(times, 0)
+    if raw is not None:
+        raw[(op, nbytes)] = times.tolist()
+    return op, nbytes, world, summary(times.tolist(), statistic)
+
+
 def links(r: Runs, comm: Comm, raw: dict | None = None) -> list[tuple]:
     """(op, bytes, world, seconds) samples on `comm`'s group of 2 (every such group at once, as in the
     runs): all-reduce, and one-way send (half a round trip); each the r.statistic of `repeats`, rank 0's
@@ -119,11 +128,7 @@ def links(r: Runs, comm: Comm, raw: dict | None = None) -> list[tuple]:
                     comm.recv(x, 0)
                     comm.send(x, 0)
                 trips.append((time.perf_counter() - t) / (1 if op == "all_reduce" else 2))
-            times = torch.tensor(trips, dtype=torch.float64)
-            dist.broadcast(times, 0)  # rank 0's view for everyone
-            if raw is not None:
-                raw[(op, n)] = times.tolist()
-            out.append((op, n, comm.world, summary(times.tolist(), r.statistic)))
+            out.append(_sample(op, n, comm.world, trips, r.statistic, raw))
     # "sync": a 1 KB all-reduce right after each rank computed for sync_gap seconds, as a collective
     # comes in training. Beyond a back-to-back one it pays the wait for the partner that finishes its
     # compute later and the wake-up of a process that was busy: the simulator's call_overhead.
@@ -136,13 +141,8 @@ def links(r: Runs, comm: Comm, raw: dict | None = None) -> list[tuple]:
         t = time.perf_counter()
         comm.all_reduce(x)
         trips.append(time.perf_counter() - t)
-    times = torch.tensor(trips, dtype=torch.float64)
-    dist.broadcast(times, 0)
-    if raw is not None:
-        raw[("sync", 1024)] = times.tolist()
-    out.append(("sync", 1024, comm.world, summary(times.tolist(), r.statistic)))
+    out.append(_sample("sync", 1024, comm.world, trips, r.statistic, raw))
     return out
-
 
 
 def measure(r: Runs, three_d: bool = False) -> dict:
