@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,9 +218,29 @@ class Lab:
             body = r.read()
             return json.loads(body) if body else None
 
-    def shutdown_kernels(self) -> None:
-        for k in self.api("kernels"):
-            self.api(f"kernels/{k['id']}", method="DELETE")
+    def shutdown_kernels(self, timeout: float = 60) -> None:
+        """Shut down every kernel the pages started. On CI the kernel list once answered 500 right
+        after a page closed (jupyter_server 2 gives a kernel its `last_activity` only once its start
+        has returned, and a list in between fails); a kernel already gone answers 404. Both are
+        retried until `timeout`, then the error says what the server answered, with its log."""
+        deadline = time.time() + timeout
+        while True:
+            try:
+                kernels = self.api("kernels")
+                for k in kernels:
+                    try:
+                        self.api(f"kernels/{k['id']}", method="DELETE")
+                    except urllib.error.HTTPError as e:
+                        if e.code != 404:
+                            raise
+                if not kernels:
+                    return
+                problem = f"kernels still listed after their shutdown: {[k['id'] for k in kernels]}"
+            except urllib.error.HTTPError as e:
+                problem = f"the kernel list answered {e.code} {e.read()[:2000]!r}"
+            if time.time() > deadline:
+                raise RuntimeError(f"{problem}, for {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -22,10 +22,12 @@ COURSE_BROWSER_NOTEBOOKS=<folder> checks another folder's notebooks (e.g. a re-e
 Screenshots of failures go to the folder named in the failure message.
 """
 import contextlib
+import http.server
 import json
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +69,62 @@ def test_cells_needed_follows_the_names_back():
     assert cells_needed(cells, 7) == [0, 1, 3, 5, 7]
     assert cells_needed(cells + ["x = f(x)"], 8) == [2, 8]
     assert cells_needed(["a = 1", "%time b = 2", "a"], 2) == [0, 1, 2]  # a magic: take everything
+
+
+class _FakeKernelsAPI(http.server.BaseHTTPRequestHandler):
+    """jupyter_server's /api/kernels as CI saw it: a 500 while a kernel starts (it has no model yet),
+    then the kernel, which a DELETE removes."""
+    script: list = []   # the answers to GET /api/kernels, in turn; the last one repeats
+    deleted: list = []
+
+    def do_GET(self):
+        code, body = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if code == 200 and self.deleted:
+            body = [k for k in body if k["id"] not in self.deleted]
+        self._answer(code, body)
+
+    def do_DELETE(self):
+        self.deleted.append(self.path.rsplit("/", 1)[-1])
+        self._answer(204, None)
+
+    def _answer(self, code, body):
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _fake_lab(tmp_path, script):
+    _FakeKernelsAPI.script, _FakeKernelsAPI.deleted = list(script), []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeKernelsAPI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    lab = Lab(tmp_path, ROOT)
+    lab.port = server.server_address[1]
+    lab.log.write_text("(the fake server's log)")
+    try:
+        yield lab
+    finally:
+        server.shutdown()
+
+
+def test_kernels_are_shut_down_through_a_starting_kernels_500(tmp_path):
+    starting = (500, {"message": "Internal Server Error"})
+    with _fake_lab(tmp_path, [starting, starting, (200, [{"id": "k1"}])]) as lab:
+        lab.shutdown_kernels(timeout=30)
+    assert _FakeKernelsAPI.deleted == ["k1"]
+
+
+def test_a_kernel_list_that_keeps_failing_is_a_clear_error(tmp_path):
+    with _fake_lab(tmp_path, [(500, {"message": "broken"})]) as lab:
+        t0 = time.time()
+        with pytest.raises(RuntimeError, match=r"the kernel list answered 500 .*broken.*for 1 s"):
+            lab.shutdown_kernels(timeout=1)
+        assert time.time() - t0 < 10
 
 
 def test_explorers_are_found_in_the_lessons():
