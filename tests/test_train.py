@@ -6,7 +6,7 @@ import torch
 
 from course.data import load_dataset
 from course.model import ModelConfig, Transformer
-from course.train import History, TrainConfig, evaluate, lr_at, train
+from course.train import History, TrainConfig, evaluate, lr_at, make_optimizer, train
 
 matplotlib.use("Agg")
 
@@ -76,3 +76,28 @@ def test_evaluate_uses_eval_mode_and_restores_training():
 def test_bad_train_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_the_foreach_optimizer_updates_bit_for_bit_like_the_per_tensor_one():
+    """make_optimizer asks for foreach AdamW (torch's default only on CUDA): on the CPU it must change
+    nothing but the speed. Same model, same gradients, both weight-decay groups, 5 steps: equal bits."""
+    torch.manual_seed(0)
+    a = Transformer(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    b = Transformer(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    b.load_state_dict(a.state_dict())
+    cfg = TrainConfig(lr=3e-3, weight_decay=0.1)
+    fast = make_optimizer(a, cfg)
+    assert fast.defaults["foreach"] is True
+    names = {id(p): n for n, p in a.named_parameters()}  # b's parameters in a's groups, per tensor
+    params_b = dict(b.named_parameters())
+    slow = torch.optim.AdamW([{"params": [params_b[names[id(p)]] for p in g["params"]],
+                               "weight_decay": g["weight_decay"]} for g in fast.param_groups],
+                             lr=cfg.lr, betas=cfg.betas, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        fast.step()
+        slow.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
