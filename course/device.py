@@ -2,7 +2,9 @@
 
 Notebooks call `profile()` once and read every size from it, so the same lesson runs for a
 couple of minutes on a laptop CPU and scales up on a GPU without editing a cell.
-Override with the environment: COURSE_DEVICE=cpu|cuda|mps, COURSE_PROFILE=cpu|gpu.
+Override with the environment: COURSE_DEVICE=cpu|cuda|mps, COURSE_PROFILE=cpu|gpu|smoke.
+`smoke` is for tests that need a lesson's code to run, not its results (the browser test's
+explorers): every size a lesson reads from the profile is tiny, so what it learns means nothing.
 
 MFU needs the accelerator's peak: `course.costs.PEAK_FLOPS` lists dense (no sparsity) bf16
 tensor-core peaks from the vendor data sheets; CPU peaks are unknown, so MFU is None there.
@@ -63,7 +65,8 @@ def peak_flops(device: torch.device | str | None = None) -> float | None:
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes a lesson uses. `cpu` finishes in minutes on 2 cores; `gpu` is the scaled-up run."""
+    """Sizes a lesson uses. `cpu` finishes in minutes on 2 cores; `gpu` is the scaled-up run; `smoke`
+    only runs the code (two layers and two heads, so a layer or head control still has a choice)."""
 
     name: str
     device: torch.device
@@ -87,6 +90,8 @@ PROFILES = {
                 seq_lens=(128, 256, 512, 1024, 2048)),
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=64, max_steps=2000,
                 seq_lens=(512, 1024, 2048, 4096, 8192, 16384)),
+    "smoke": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=4, max_steps=20,
+                  seq_lens=(32, 64, 128)),
 }
 
 

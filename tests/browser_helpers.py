@@ -167,7 +167,9 @@ LAB_SETTINGS = {
 
 class Lab:
     """`python -m jupyter lab` from this environment, on a free local port, with its own token,
-    config, data (so its own trust database), settings and workspace folders under `root`."""
+    config, data (so its own trust database), settings and workspace folders under `root`. Its
+    kernels run under COURSE_PROFILE=smoke (course.device): what an explorer is checked for is that
+    it draws and redraws, and the cells before it train at tiny sizes instead of the lesson's."""
 
     def __init__(self, root: Path, repo: Path):
         self.root, self.port, self.token = root, free_port(), os.urandom(16).hex()
@@ -181,6 +183,7 @@ class Lab:
                     "JUPYTER_DATA_DIR": str(root / "data"), "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
                     "JUPYTERLAB_SETTINGS_DIR": str(root / "settings"),
                     "JUPYTERLAB_WORKSPACES_DIR": str(root / "workspaces"),
+                    "COURSE_PROFILE": "smoke",  # kernels run a lesson's code at tiny sizes: drawing, not learning
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
         self.log = root / "lab.log"
         self.proc = None

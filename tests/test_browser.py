@@ -16,7 +16,9 @@ the system's Chromium (never a downloaded one). Checked:
 
 "The cells it needs" are the explorer's cell and the earlier cells that bind the names it reads
 (tests/browser_helpers.cells_needed): running whole lessons would take minutes each, and the saved
-widget state cannot show a redraw, which needs a kernel.
+widget state cannot show a redraw, which needs a kernel. The kernels run under
+COURSE_PROFILE=smoke, so the models those cells train are tiny: nbval runs every lesson at its real
+sizes, and this test is about what the page draws.
 
 COURSE_BROWSER_NOTEBOOKS=<folder> checks another folder's notebooks (e.g. a re-executed copy).
 Screenshots of failures go to the folder named in the failure message.

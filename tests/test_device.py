@@ -39,3 +39,17 @@ def test_machine_info_has_what_benchmarks_record():
     info = machine_info()
     assert {"device", "device_name", "cores", "torch"} <= set(info)
     assert info["torch"] == torch.__version__
+
+
+def test_smoke_profile_is_tiny_where_lessons_read_it(monkeypatch):
+    """COURSE_PROFILE=smoke (the browser test's kernels) shrinks what the lessons size from the profile,
+    and leaves a choice for every layer and head control."""
+    from course.lessons.sam import Sizes
+    from course.lessons.stability import Setup
+    monkeypatch.setenv("COURSE_PROFILE", "smoke")
+    smoke, cpu = profile(device="cpu"), profile("cpu", device="cpu")
+    assert smoke.name == "smoke" and smoke.n_layer >= 2 and smoke.n_head >= 2
+    assert smoke.max_steps * smoke.batch_size * smoke.block_size < cpu.max_steps * cpu.batch_size * cpu.block_size / 100
+    assert Sizes.from_profile(smoke).steps < Sizes.from_profile(cpu).steps == Sizes().steps
+    assert Setup.from_profile(smoke).steps < Setup.from_profile(cpu).steps == Setup().steps
+    assert Setup.from_profile(profile("gpu", device="cpu")).n_embd > Setup().n_embd

@@ -25,7 +25,7 @@ from ..vision.vit import ViTConfig
 @dataclass
 class Sizes:
     """The lesson's sizes. Everything here runs on the CPU (the scenes, the click simulation and the model
-    stay there); on 2 cores the whole part takes about a minute."""
+    stay there), with one thread; the lesson prints how long each training took."""
     steps: int = 400
     batch: int = 32
     rounds: int = 2
@@ -36,6 +36,15 @@ class Sizes:
     text_lr: float = 3e-3
     teacher: dict = field(default_factory=lambda: dict(enc_layers=3, enc_dim=64, enc_heads=4))
     student: dict = field(default_factory=lambda: dict(n_layer=1, n_embd=32, n_head=2))
+
+    @classmethod
+    def from_profile(cls, prof) -> "Sizes":
+        """The same sizes on every machine (they are CPU sizes), except under the `smoke` profile, which
+        only runs the code: a few steps on a few scenes."""
+        if prof.name == "smoke":
+            n = prof.max_steps
+            return cls(steps=n, batch=8, n_train=64, n_eval=8, distill_steps=n, text_steps=n)
+        return cls()
 
 
 def train_segmenter(sizes: Sizes, seed: int = 0):

@@ -40,9 +40,12 @@ class Setup:
 
     @classmethod
     def from_profile(cls, prof) -> "Setup":
-        if prof.name == "cpu":
-            return cls(device=str(prof.device))
-        return cls(n_layer=4, n_embd=256, block_size=128, batch_size=32, steps=300, device=str(prof.device))
+        if prof.name == "gpu":
+            return cls(n_layer=4, n_embd=256, block_size=128, batch_size=32, steps=300, device=str(prof.device))
+        if prof.name == "smoke":
+            return cls(n_layer=prof.n_layer, n_embd=prof.n_embd, steps=prof.max_steps, eval_iters=2,
+                       device=str(prof.device))
+        return cls(device=str(prof.device))
 
     def replace(self, **kw) -> "Setup":
         return replace(self, **kw)

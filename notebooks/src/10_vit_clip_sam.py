@@ -143,7 +143,7 @@ print(f"windowed blocks {vit.windowed()}; a windowed block lets each patch see {
 
 # %%
 # NBVAL_CHECK_OUTPUT
-steps = 400 if prof.name == "cpu" else 3000
+steps = 3000 if prof.name == "gpu" else 400
 clip_cfg = C.CLIPConfig(vit=V.ViTConfig(image_size=32, patch_size=4, n_layer=2, n_embd=64))
 torch.manual_seed(0)
 model = C.CLIP(clip_cfg)
@@ -303,12 +303,13 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
+from course.device import profile
 from course.lessons import sam as LS
 from course.vision import data as vdata
 from course.vision import sam_train as ST
 from course.vision.sam import SAM, SAMConfig
 
-sizes = LS.Sizes()  # on the CPU whatever the machine has: scenes, clicks and model are small
+sizes = LS.Sizes.from_profile(profile())  # CPU sizes on every machine: scenes, clicks and model are small
 print(sizes)
 
 # %% [markdown]
